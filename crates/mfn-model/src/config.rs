@@ -1,0 +1,501 @@
+//! Network descriptions: the knobs that define a MobileFaceNet, named presets, the layer
+//! plan they expand to, and the parameter / multiply-add counts of that plan.
+
+use serde::{Deserialize, Serialize};
+
+/// How raw RGB pixels in `0..=255` become the network's input: `(x - mean[c]) * scale[c]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InputNorm {
+    /// Per-channel (R, G, B) offset subtracted first.
+    pub mean: [f32; 3],
+    /// Per-channel (R, G, B) factor applied after the offset.
+    pub scale: [f32; 3],
+}
+
+impl InputNorm {
+    /// insightface's MXNet models: `(x - 127.5) * 0.0078125`.
+    pub fn insightface() -> Self {
+        Self {
+            mean: [127.5; 3],
+            scale: [0.0078125; 3],
+        }
+    }
+
+    /// The identity: the network takes raw `0..=255` pixels.
+    pub fn identity() -> Self {
+        Self {
+            mean: [0.0; 3],
+            scale: [1.0; 3],
+        }
+    }
+}
+
+/// One row of the paper's bottleneck table: expansion `t`, output channels `c`, repeats `n`,
+/// stride `s` of the first repeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bottleneck {
+    /// Expansion factor of the 1x1 conv that opens each block.
+    pub t: usize,
+    /// Output channels of each block.
+    pub c: usize,
+    /// How many blocks the row holds.
+    pub n: usize,
+    /// Stride of the first block; the others use stride 1.
+    pub s: usize,
+}
+
+impl Bottleneck {
+    /// A row `(t, c, n, s)`.
+    pub const fn new(t: usize, c: usize, n: usize, s: usize) -> Self {
+        Self { t, c, n, s }
+    }
+}
+
+/// The embedding layer after the global depthwise conv.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Head {
+    /// Whether the linear 512 -> embedding layer has a bias (insightface's `pre_fc1` has one).
+    pub fc_bias: bool,
+    /// MXNet's `fix_gamma`: the final BatchNorm's scale is pinned to 1, whatever is stored.
+    pub fix_gamma: bool,
+    /// eps of the final BatchNorm.
+    pub bn_eps: f64,
+}
+
+/// Everything that defines a MobileFaceNet variant.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// Short name of the preset or variant, informative only.
+    pub name: String,
+    /// Input height and width in pixels.
+    pub input_size: [usize; 2],
+    /// The mapping from raw RGB pixels to the network input, applied inside `forward`.
+    pub input_norm: InputNorm,
+    /// Channels of the 3x3 stride-2 stem conv and of the depthwise conv after it.
+    pub stem_channels: usize,
+    /// The bottleneck table.
+    pub blocks: Vec<Bottleneck>,
+    /// Channels of the 1x1 conv before the global depthwise conv.
+    pub last_channels: usize,
+    /// Size of the output embedding.
+    pub embedding_size: usize,
+    /// The embedding layer.
+    pub head: Head,
+    /// eps of every BatchNorm in the body (MXNet's default is 1e-3).
+    pub bn_eps: f64,
+}
+
+impl Config {
+    /// The paper's Table 1 (Chen et al., CCBR 2018): about 1.0M parameters and 221M MACs
+    /// at 112x112, with a linear 1x1 conv (no bias) and BatchNorm as the embedding layer.
+    pub fn paper() -> Self {
+        Self {
+            name: "paper".into(),
+            input_size: [112, 112],
+            input_norm: InputNorm::insightface(),
+            stem_channels: 64,
+            blocks: vec![
+                Bottleneck::new(2, 64, 5, 2),
+                Bottleneck::new(4, 128, 1, 2),
+                Bottleneck::new(2, 128, 6, 1),
+                Bottleneck::new(4, 128, 1, 2),
+                Bottleneck::new(2, 128, 2, 1),
+            ],
+            last_channels: 512,
+            embedding_size: 128,
+            head: Head {
+                fc_bias: false,
+                fix_gamma: false,
+                bn_eps: 1e-3,
+            },
+            bn_eps: 1e-3,
+        }
+    }
+
+    /// insightface's MXNet MobileFaceNet "y1": the paper's body, then FC 512 -> 128 with
+    /// bias and a BatchNorm `fc1` with a fixed gamma and eps 2e-5.
+    pub fn y1() -> Self {
+        Self {
+            name: "y1".into(),
+            head: Head {
+                fc_bias: true,
+                fix_gamma: true,
+                bn_eps: 2e-5,
+            },
+            ..Self::paper()
+        }
+    }
+
+    /// A preset by name: `paper` or `y1`.
+    pub fn preset(name: &str) -> Option<Self> {
+        match name {
+            "paper" => Some(Self::paper()),
+            "y1" => Some(Self::y1()),
+            _ => None,
+        }
+    }
+
+    /// Names of the presets [`Config::preset`] knows.
+    pub const PRESETS: &'static [&'static str] = &["paper", "y1"];
+
+    /// The feature-map size that reaches the global depthwise conv, which is also its kernel.
+    pub fn gdconv_kernel(&self) -> [usize; 2] {
+        let mut hw = self.input_size.map(|d| conv_out(d, 3, 2, 1));
+        for b in &self.blocks {
+            if b.n > 0 {
+                hw = hw.map(|d| conv_out(d, 3, b.s, 1));
+            }
+        }
+        hw
+    }
+
+    /// The network expanded into its layers, in graph order, with checkpoint names.
+    pub fn plan(&self) -> Plan {
+        let stem = ConvSpec {
+            name: "conv_1".into(),
+            in_channels: 3,
+            out_channels: self.stem_channels,
+            kernel: [3, 3],
+            stride: 2,
+            pad: [1, 1],
+            groups: 1,
+            prelu: true,
+            bn_eps: self.bn_eps,
+        };
+        let stem_dw = ConvSpec {
+            name: "conv_2_dw".into(),
+            in_channels: self.stem_channels,
+            out_channels: self.stem_channels,
+            kernel: [3, 3],
+            stride: 1,
+            pad: [1, 1],
+            groups: self.stem_channels,
+            prelu: true,
+            bn_eps: self.bn_eps,
+        };
+        // insightface names a stage after its downsampling: `dconv_23` moves from stage 2 to
+        // 3, and the stride-1 blocks that follow are `res_3_block0..`, whichever table row
+        // they come from. Following that keeps checkpoint names unchanged.
+        let mut blocks = Vec::new();
+        let mut stage = 2usize;
+        let mut res_index = 0usize;
+        let mut cin = self.stem_channels;
+        for row in &self.blocks {
+            for i in 0..row.n {
+                let stride = if i == 0 { row.s } else { 1 };
+                let name = if stride != 1 || (i == 0 && blocks.is_empty()) {
+                    stage += 1;
+                    res_index = 0;
+                    format!("dconv_{}{}", stage - 1, stage)
+                } else {
+                    res_index += 1;
+                    format!("res_{}_block{}", stage, res_index - 1)
+                };
+                let hidden = cin * row.t;
+                let conv1x1 = |suffix: &str, cin: usize, cout: usize, prelu: bool| ConvSpec {
+                    name: format!("{name}_conv_{suffix}"),
+                    in_channels: cin,
+                    out_channels: cout,
+                    kernel: [1, 1],
+                    stride: 1,
+                    pad: [0, 0],
+                    groups: 1,
+                    prelu,
+                    bn_eps: self.bn_eps,
+                };
+                blocks.push(BlockSpec {
+                    expand: conv1x1("sep", cin, hidden, true),
+                    depthwise: ConvSpec {
+                        name: format!("{name}_conv_dw"),
+                        in_channels: hidden,
+                        out_channels: hidden,
+                        kernel: [3, 3],
+                        stride,
+                        pad: [1, 1],
+                        groups: hidden,
+                        prelu: true,
+                        bn_eps: self.bn_eps,
+                    },
+                    project: conv1x1("proj", hidden, row.c, false),
+                    residual: stride == 1 && cin == row.c,
+                });
+                cin = row.c;
+            }
+        }
+        let last = ConvSpec {
+            name: "conv_6sep".into(),
+            in_channels: cin,
+            out_channels: self.last_channels,
+            kernel: [1, 1],
+            stride: 1,
+            pad: [0, 0],
+            groups: 1,
+            prelu: true,
+            bn_eps: self.bn_eps,
+        };
+        let gdconv = ConvSpec {
+            name: "conv_6dw7_7".into(),
+            in_channels: self.last_channels,
+            out_channels: self.last_channels,
+            kernel: self.gdconv_kernel(),
+            stride: 1,
+            pad: [0, 0],
+            groups: self.last_channels,
+            prelu: false,
+            bn_eps: self.bn_eps,
+        };
+        Plan {
+            stem,
+            stem_dw,
+            blocks,
+            last,
+            gdconv,
+            embedding: EmbeddingSpec {
+                in_features: self.last_channels,
+                out_features: self.embedding_size,
+                bias: self.head.fc_bias,
+                fix_gamma: self.head.fix_gamma,
+                bn_eps: self.head.bn_eps,
+            },
+        }
+    }
+
+    /// Learnable parameters and multiply-adds of one forward pass on one face.
+    pub fn complexity(&self) -> Complexity {
+        let plan = self.plan();
+        let mut total = Complexity::default();
+        let mut hw = self.input_size;
+        for conv in plan.convs() {
+            hw = [
+                conv_out(hw[0], conv.kernel[0], conv.stride, conv.pad[0]),
+                conv_out(hw[1], conv.kernel[1], conv.stride, conv.pad[1]),
+            ];
+            let weights = conv.out_channels
+                * (conv.in_channels / conv.groups)
+                * conv.kernel[0]
+                * conv.kernel[1];
+            total.macs += (weights * hw[0] * hw[1]) as u64;
+            // BatchNorm gamma and beta, and one PReLU slope per channel.
+            total.params += (weights + 2 * conv.out_channels) as u64;
+            if conv.prelu {
+                total.params += conv.out_channels as u64;
+            }
+        }
+        let e = &plan.embedding;
+        let fc = e.in_features * e.out_features;
+        total.macs += fc as u64;
+        total.params += (fc + if e.bias { e.out_features } else { 0 }) as u64;
+        // A fixed gamma is not learnable: only beta counts then.
+        total.params += if e.fix_gamma { 1 } else { 2 } * e.out_features as u64;
+        total
+    }
+}
+
+/// Output size of a convolution along one axis.
+pub(crate) fn conv_out(size: usize, kernel: usize, stride: usize, pad: usize) -> usize {
+    (size + 2 * pad).saturating_sub(kernel) / stride.max(1) + 1
+}
+
+/// Learnable parameters and multiply-adds of a network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Complexity {
+    /// Learnable parameters: conv and FC weights, biases, BatchNorm gamma and beta, PReLU
+    /// slopes. Running statistics are not counted.
+    pub params: u64,
+    /// Multiply-adds of the convolutions and the FC layer for one input.
+    pub macs: u64,
+}
+
+/// A conv followed by BatchNorm and, optionally, PReLU: the unit the whole body is made of.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConvSpec {
+    /// Checkpoint name prefix: weights are `{name}_conv2d_weight`, `{name}_batchnorm_*`
+    /// and `{name}_relu_gamma`.
+    pub name: String,
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Kernel height and width.
+    pub kernel: [usize; 2],
+    /// Stride along both axes.
+    pub stride: usize,
+    /// Zero padding along height and width.
+    pub pad: [usize; 2],
+    /// Convolution groups; `groups == in_channels == out_channels` is depthwise.
+    pub groups: usize,
+    /// Whether a PReLU follows the BatchNorm; `false` makes the unit linear.
+    pub prelu: bool,
+    /// eps of the BatchNorm.
+    pub bn_eps: f64,
+}
+
+impl ConvSpec {
+    /// Whether this conv is depthwise (one filter per channel).
+    pub fn is_depthwise(&self) -> bool {
+        self.groups > 1 && self.groups == self.in_channels && self.groups == self.out_channels
+    }
+
+    /// Checkpoint name of the conv weight.
+    pub fn weight_name(&self) -> String {
+        format!("{}_conv2d_weight", self.name)
+    }
+
+    /// Checkpoint name prefix of the BatchNorm.
+    pub fn bn_name(&self) -> String {
+        format!("{}_batchnorm", self.name)
+    }
+
+    /// Checkpoint name of the PReLU slopes.
+    pub fn prelu_name(&self) -> String {
+        format!("{}_relu_gamma", self.name)
+    }
+}
+
+/// An inverted-residual bottleneck: 1x1 expand, 3x3 depthwise, linear 1x1 project.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BlockSpec {
+    /// The 1x1 expansion conv.
+    pub expand: ConvSpec,
+    /// The 3x3 depthwise conv, which carries the block's stride.
+    pub depthwise: ConvSpec,
+    /// The linear 1x1 projection.
+    pub project: ConvSpec,
+    /// Whether the block's input is added to its output.
+    pub residual: bool,
+}
+
+/// The linear embedding layer and its BatchNorm.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EmbeddingSpec {
+    /// Input features (channels of the global depthwise conv).
+    pub in_features: usize,
+    /// Embedding size.
+    pub out_features: usize,
+    /// Whether the linear layer has a bias.
+    pub bias: bool,
+    /// Whether the BatchNorm's gamma is pinned to 1.
+    pub fix_gamma: bool,
+    /// eps of the BatchNorm.
+    pub bn_eps: f64,
+}
+
+impl EmbeddingSpec {
+    /// Checkpoint name of the linear weight (insightface calls it `fc1_weight`).
+    pub const WEIGHT: &'static str = "fc1_weight";
+    /// Checkpoint name of the linear bias.
+    pub const BIAS: &'static str = "pre_fc1_bias";
+    /// Checkpoint name prefix of the BatchNorm.
+    pub const BN: &'static str = "fc1";
+}
+
+/// A [`Config`] expanded into its layers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// 3x3 stride-2 stem conv.
+    pub stem: ConvSpec,
+    /// 3x3 depthwise conv after the stem.
+    pub stem_dw: ConvSpec,
+    /// The bottlenecks in order.
+    pub blocks: Vec<BlockSpec>,
+    /// 1x1 conv to `last_channels`.
+    pub last: ConvSpec,
+    /// The global depthwise conv (GDConv), linear.
+    pub gdconv: ConvSpec,
+    /// The embedding layer.
+    pub embedding: EmbeddingSpec,
+}
+
+impl Plan {
+    /// Every conv unit in graph order.
+    pub fn convs(&self) -> impl Iterator<Item = &ConvSpec> {
+        [&self.stem, &self.stem_dw]
+            .into_iter()
+            .chain(
+                self.blocks
+                    .iter()
+                    .flat_map(|b| [&b.expand, &b.depthwise, &b.project]),
+            )
+            .chain([&self.last, &self.gdconv])
+    }
+}
+
+impl Plan {
+    /// Every tensor a checkpoint must hold for this plan, with its shape, in graph order.
+    pub fn weights(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out = Vec::new();
+        for conv in self.convs() {
+            let [kh, kw] = conv.kernel;
+            out.push((
+                conv.weight_name(),
+                vec![conv.out_channels, conv.in_channels / conv.groups, kh, kw],
+            ));
+            for part in ["gamma", "beta", "moving_mean", "moving_var"] {
+                out.push((format!("{}_{part}", conv.bn_name()), vec![conv.out_channels]));
+            }
+            if conv.prelu {
+                out.push((conv.prelu_name(), vec![conv.out_channels]));
+            }
+        }
+        let e = &self.embedding;
+        out.push((EmbeddingSpec::WEIGHT.into(), vec![e.out_features, e.in_features]));
+        if e.bias {
+            out.push((EmbeddingSpec::BIAS.into(), vec![e.out_features]));
+        }
+        for part in ["gamma", "beta", "moving_mean", "moving_var"] {
+            if part == "gamma" && e.fix_gamma {
+                continue;
+            }
+            out.push((format!("{}_{part}", EmbeddingSpec::BN), vec![e.out_features]));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paper_preset_matches_the_paper_counts() {
+        let c = Config::paper().complexity();
+        assert!(
+            (990_000..=1_010_000).contains(&c.params),
+            "params {}",
+            c.params
+        );
+        let macs = c.macs as f64 / 1e6;
+        assert!((macs - 221.0).abs() <= 221.0 * 0.005, "MACs {macs}M");
+    }
+
+    #[test]
+    fn y1_counts_its_fc_bias_and_fixed_gamma() {
+        // 1,003,264 parameters is what insightface reports for y1.
+        assert_eq!(Config::y1().complexity().params, 1_003_264);
+        assert_eq!(Config::y1().complexity().macs, Config::paper().complexity().macs);
+    }
+
+    #[test]
+    fn plan_uses_insightface_names_and_gdconv_covers_the_map() {
+        let plan = Config::y1().plan();
+        let names: Vec<_> = plan.blocks.iter().map(|b| b.expand.name.clone()).collect();
+        assert_eq!(names[0], "dconv_23_conv_sep");
+        assert_eq!(names[1], "res_3_block0_conv_sep");
+        assert_eq!(names[5], "dconv_34_conv_sep");
+        assert_eq!(names[6], "res_4_block0_conv_sep");
+        assert_eq!(names[12], "dconv_45_conv_sep");
+        assert_eq!(names[14], "res_5_block1_conv_sep");
+        assert_eq!(plan.blocks.len(), 15);
+        assert_eq!(plan.gdconv.kernel, [7, 7]);
+        assert!(!plan.blocks[0].residual && plan.blocks[1].residual);
+        assert!(plan.blocks[6].residual, "res_4_block0 keeps 128 channels");
+        assert_eq!(plan.blocks[5].expand.out_channels, 256);
+    }
+
+    #[test]
+    fn config_round_trips_through_json() {
+        let c = Config::y1();
+        let s = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<Config>(&s).unwrap(), c);
+    }
+}

@@ -1,0 +1,3 @@
+//! Importers from other frameworks' checkpoints into a [`crate::Config`] and named tensors.
+
+pub mod mxnet;

@@ -1,0 +1,340 @@
+//! The building blocks: conv + BatchNorm + PReLU units, bottlenecks and the embedding layer.
+//!
+//! Every layer has two paths. `forward_graph` is the faithful graph (candle convs, BatchNorm in
+//! train or eval mode, autograd), for training and as the reference. `forward` is the
+//! inference path: BatchNorm is folded into the conv or FC weights when the layer is built,
+//! depthwise convs use [`crate::ops::DepthwiseConv2d`], and 1x1 convs run as plain matrix
+//! products with no im2col copy.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, ModuleT, Result, Tensor, D};
+use candle_nn::{BatchNorm, Init, VarBuilder};
+
+use crate::config::{BlockSpec, ConvSpec, EmbeddingSpec};
+use crate::ops::{BiasPrelu, DepthwiseConv2d};
+
+/// `max(x, 0) + a * min(x, 0)` with one slope per channel (dim 1), differentiable.
+fn prelu(x: &Tensor, slope: &Tensor) -> Result<Tensor> {
+    let mut shape = vec![1; x.rank()];
+    shape[1] = slope.elem_count();
+    let a = slope.reshape(shape)?;
+    let zeros = x.zeros_like()?;
+    x.maximum(&zeros)? + x.minimum(&zeros)?.broadcast_mul(&a)?
+}
+
+/// Reads a BatchNorm in MXNet's naming: `{prefix}_gamma`, `_beta`, `_moving_mean`, `_moving_var`.
+fn batch_norm(
+    channels: usize,
+    prefix: &str,
+    eps: f64,
+    fix_gamma: bool,
+    vb: &VarBuilder,
+) -> Result<BatchNorm> {
+    let gamma = if fix_gamma {
+        // MXNet ignores the stored gamma when fix_gamma is set, whatever its value.
+        Tensor::ones(channels, vb.dtype(), vb.device())?
+    } else {
+        vb.get_with_hints(channels, &format!("{prefix}_gamma"), Init::Const(1.0))?
+    };
+    let beta = vb.get_with_hints(channels, &format!("{prefix}_beta"), Init::Const(0.0))?;
+    let mean = vb.get_with_hints(channels, &format!("{prefix}_moving_mean"), Init::Const(0.0))?;
+    let var = vb.get_with_hints(channels, &format!("{prefix}_moving_var"), Init::Const(1.0))?;
+    BatchNorm::new(channels, mean, var, gamma, beta, eps)
+}
+
+/// Per-channel `(scale, shift)` such that `bn(x) = x * scale + shift` in eval mode.
+fn bn_affine(bn: &BatchNorm) -> Result<(Tensor, Tensor)> {
+    let (gamma, beta) = bn
+        .weight_and_bias()
+        .ok_or_else(|| candle_core::Error::Msg("BatchNorm without affine parameters".into()))?;
+    let scale = gamma.broadcast_div(&(bn.running_var() + bn.eps())?.sqrt()?)?;
+    let shift = (beta - bn.running_mean().mul(&scale)?)?;
+    Ok((scale, shift))
+}
+
+fn to_arc_vec(t: &Tensor) -> Result<Arc<Vec<f32>>> {
+    Ok(Arc::new(
+        t.to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?,
+    ))
+}
+
+/// How the folded conv runs on the inference path.
+#[derive(Clone, Debug)]
+enum Folded {
+    /// A general conv through candle, then the bias/PReLU epilogue.
+    Dense(Tensor),
+    /// A 1x1 conv as `W (cout x cin) @ X (cin x HW)` per image.
+    Pointwise(Tensor),
+    /// The fused depthwise kernel (CPU); `Tensor` keeps the weights for other devices.
+    Depthwise(DepthwiseConv2d, Tensor),
+}
+
+/// A conv, its BatchNorm and an optional PReLU.
+#[derive(Clone, Debug)]
+pub struct ConvBnAct {
+    spec: ConvSpec,
+    weight: Tensor,
+    bn: BatchNorm,
+    slope: Option<Tensor>,
+    folded: Folded,
+    epilogue: BiasPrelu,
+    folded_bias: Tensor,
+}
+
+impl ConvBnAct {
+    /// Builds the unit from `{name}_conv2d_weight`, `{name}_batchnorm_*` and
+    /// `{name}_relu_gamma`, and folds its BatchNorm for inference.
+    pub fn new(spec: &ConvSpec, vb: &VarBuilder) -> Result<Self> {
+        let [kh, kw] = spec.kernel;
+        let fan_in = spec.in_channels / spec.groups * kh * kw;
+        let weight = vb.get_with_hints(
+            (spec.out_channels, spec.in_channels / spec.groups, kh, kw),
+            &spec.weight_name(),
+            Init::Randn {
+                mean: 0.0,
+                stdev: (2.0 / fan_in as f64).sqrt(),
+            },
+        )?;
+        let bn = batch_norm(spec.out_channels, &spec.bn_name(), spec.bn_eps, false, vb)?;
+        let slope = if spec.prelu {
+            Some(vb.get_with_hints(spec.out_channels, &spec.prelu_name(), Init::Const(0.25))?)
+        } else {
+            None
+        };
+        let (scale, shift) = bn_affine(&bn)?;
+        let w = weight
+            .detach()
+            .broadcast_mul(&scale.reshape((spec.out_channels, 1, 1, 1))?)?;
+        let folded = if spec.is_depthwise() {
+            let op = DepthwiseConv2d {
+                weight: to_arc_vec(&w)?,
+                bias: to_arc_vec(&shift)?,
+                prelu: slope.as_ref().map(to_arc_vec).transpose()?,
+                kernel: spec.kernel,
+                stride: spec.stride,
+                pad: spec.pad,
+            };
+            Folded::Depthwise(op, w)
+        } else if spec.kernel == [1, 1] && spec.stride == 1 && spec.groups == 1 {
+            Folded::Pointwise(w.reshape((spec.out_channels, spec.in_channels))?)
+        } else {
+            Folded::Dense(w)
+        };
+        let epilogue = BiasPrelu {
+            bias: to_arc_vec(&shift)?,
+            prelu: slope.as_ref().map(to_arc_vec).transpose()?,
+        };
+        if spec.pad[0] != spec.pad[1] {
+            candle_core::bail!("{}: only equal padding on both axes is supported", spec.name);
+        }
+        Ok(Self {
+            spec: spec.clone(),
+            weight,
+            bn,
+            slope,
+            folded,
+            epilogue,
+            folded_bias: shift.detach(),
+        })
+    }
+
+    /// The layer's description.
+    pub fn spec(&self) -> &ConvSpec {
+        &self.spec
+    }
+
+    /// Bias and PReLU after a folded conv, fused on the CPU.
+    fn finish(&self, y: Tensor) -> Result<Tensor> {
+        if y.device().is_cpu() && y.dtype() == DType::F32 {
+            return self.epilogue.forward(&y);
+        }
+        let y = y.broadcast_add(&self.folded_bias.reshape((1, (), 1, 1))?)?;
+        match &self.slope {
+            Some(a) => prelu(&y, a),
+            None => Ok(y),
+        }
+    }
+}
+
+impl ConvBnAct {
+    /// The inference path: folded weights and fused kernels.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.folded {
+            Folded::Depthwise(op, w) => {
+                if x.device().is_cpu() && x.dtype() == DType::F32 {
+                    op.forward(x)
+                } else {
+                    let y = x.conv2d(w, self.spec.pad[0], self.spec.stride, 1, self.spec.groups)?;
+                    self.finish(y)
+                }
+            }
+            Folded::Pointwise(w) => {
+                let (n, c, h, wd) = x.dims4()?;
+                let y = w
+                    .broadcast_matmul(&x.reshape((n, c, h * wd))?)?
+                    .reshape((n, self.spec.out_channels, h, wd))?;
+                self.finish(y)
+            }
+            Folded::Dense(w) => {
+                let y = x.conv2d(w, self.spec.pad[0], self.spec.stride, 1, self.spec.groups)?;
+                self.finish(y)
+            }
+        }
+    }
+}
+
+impl ConvBnAct {
+    /// The unfolded graph: candle conv, BatchNorm (batch statistics when `train`), PReLU.
+    pub fn forward_graph(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = x.conv2d(
+            &self.weight,
+            self.spec.pad[0],
+            self.spec.stride,
+            1,
+            self.spec.groups,
+        )?;
+        let y = self.bn.forward_t(&y, train)?;
+        match &self.slope {
+            Some(a) => prelu(&y, a),
+            None => Ok(y),
+        }
+    }
+}
+
+/// An inverted-residual bottleneck.
+#[derive(Clone, Debug)]
+pub struct Bottleneck {
+    expand: ConvBnAct,
+    depthwise: ConvBnAct,
+    project: ConvBnAct,
+    residual: bool,
+}
+
+impl Bottleneck {
+    /// Builds the block's three units.
+    pub fn new(spec: &BlockSpec, vb: &VarBuilder) -> Result<Self> {
+        Ok(Self {
+            expand: ConvBnAct::new(&spec.expand, vb)?,
+            depthwise: ConvBnAct::new(&spec.depthwise, vb)?,
+            project: ConvBnAct::new(&spec.project, vb)?,
+            residual: spec.residual,
+        })
+    }
+
+    /// The expand, depthwise and project units.
+    pub fn units(&self) -> [&ConvBnAct; 3] {
+        [&self.expand, &self.depthwise, &self.project]
+    }
+}
+
+impl Bottleneck {
+    /// The inference path.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self
+            .project
+            .forward(&self.depthwise.forward(&self.expand.forward(x)?)?)?;
+        if self.residual {
+            y + x
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+impl Bottleneck {
+    /// The unfolded graph.
+    pub fn forward_graph(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.expand.forward_graph(x, train)?;
+        let y = self.depthwise.forward_graph(&y, train)?;
+        let y = self.project.forward_graph(&y, train)?;
+        if self.residual {
+            y + x
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+/// The linear embedding layer and its BatchNorm, on a flattened GDConv output.
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    bn: BatchNorm,
+    folded_weight_t: Tensor,
+    folded_bias: Tensor,
+}
+
+impl Embedding {
+    /// Builds the layer from `fc1_weight`, `pre_fc1_bias` and the BatchNorm `fc1`.
+    pub fn new(spec: &EmbeddingSpec, vb: &VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (spec.out_features, spec.in_features),
+            EmbeddingSpec::WEIGHT,
+            Init::Randn {
+                mean: 0.0,
+                stdev: (1.0 / spec.in_features as f64).sqrt(),
+            },
+        )?;
+        let bias = if spec.bias {
+            Some(vb.get_with_hints(spec.out_features, EmbeddingSpec::BIAS, Init::Const(0.0))?)
+        } else {
+            None
+        };
+        let bn = batch_norm(
+            spec.out_features,
+            EmbeddingSpec::BN,
+            spec.bn_eps,
+            spec.fix_gamma,
+            vb,
+        )?;
+        let (scale, shift) = bn_affine(&bn)?;
+        let folded_weight_t = weight
+            .detach()
+            .broadcast_mul(&scale.unsqueeze(1)?)?
+            .t()?
+            .contiguous()?;
+        let folded_bias = match &bias {
+            Some(b) => (b.detach().mul(&scale)? + shift)?,
+            None => shift,
+        };
+        Ok(Self {
+            weight,
+            bias,
+            bn,
+            folded_weight_t,
+            folded_bias,
+        })
+    }
+}
+
+impl Embedding {
+    /// The inference path: one matrix product with the BatchNorm folded in.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.flatten_from(1)?
+            .matmul(&self.folded_weight_t)?
+            .broadcast_add(&self.folded_bias)
+    }
+}
+
+impl Embedding {
+    /// The unfolded graph: linear layer, then BatchNorm.
+    pub fn forward_graph(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = x.flatten_from(1)?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        self.bn.forward_t(&y, train)
+    }
+}
+
+/// Scales each row of a 2-d tensor to unit L2 norm; an all-zero row stays zero.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    x.broadcast_div(&norm)
+}

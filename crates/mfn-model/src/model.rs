@@ -1,0 +1,147 @@
+//! The MobileFaceNet network.
+
+use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::{Config, Plan};
+use crate::layers::{l2_normalize, Bottleneck, ConvBnAct, Embedding};
+use crate::{Error, Result};
+
+/// MobileFaceNet: raw RGB faces in, embeddings out.
+///
+/// Input is an `f32` NCHW tensor of RGB pixels in `0..=255` at the config's input size; the
+/// network applies its own [`crate::InputNorm`]. The output is the raw (not normalised)
+/// embedding, `[N, embedding_size]`.
+#[derive(Clone, Debug)]
+pub struct MobileFaceNet {
+    config: Config,
+    norm_mean: Tensor,
+    norm_scale: Tensor,
+    stem: ConvBnAct,
+    stem_dw: ConvBnAct,
+    blocks: Vec<Bottleneck>,
+    last: ConvBnAct,
+    gdconv: ConvBnAct,
+    embedding: Embedding,
+}
+
+impl MobileFaceNet {
+    /// Builds the network, reading weights by their checkpoint names from `vb`. A
+    /// `VarBuilder` over a fresh `VarMap` gives a randomly initialised, trainable network.
+    pub fn new(config: &Config, vb: VarBuilder) -> Result<Self> {
+        let plan: Plan = config.plan();
+        let device = vb.device().clone();
+        let norm = |v: [f32; 3]| Tensor::from_slice(&v, (1, 3, 1, 1), &device);
+        Ok(Self {
+            config: config.clone(),
+            norm_mean: norm(config.input_norm.mean)?,
+            norm_scale: norm(config.input_norm.scale)?,
+            stem: ConvBnAct::new(&plan.stem, &vb)?,
+            stem_dw: ConvBnAct::new(&plan.stem_dw, &vb)?,
+            blocks: plan
+                .blocks
+                .iter()
+                .map(|b| Bottleneck::new(b, &vb))
+                .collect::<candle_core::Result<_>>()?,
+            last: ConvBnAct::new(&plan.last, &vb)?,
+            gdconv: ConvBnAct::new(&plan.gdconv, &vb)?,
+            embedding: Embedding::new(&plan.embedding, &vb)?,
+        })
+    }
+
+    /// The config the network was built from.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.norm_mean.device()
+    }
+
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        let [h, w] = self.config.input_size;
+        let ok = matches!(x.dims(), &[_, 3, xh, xw] if xh == h && xw == w)
+            && x.dtype() == DType::F32;
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::InputShape {
+                found: x.dims().to_vec(),
+                expected: format!("f32 [N, 3, {h}, {w}] RGB in 0..=255, got {:?}", x.dtype()),
+            })
+        }
+    }
+
+    fn normalize_input(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.broadcast_sub(&self.norm_mean)?
+            .broadcast_mul(&self.norm_scale)
+    }
+
+    /// Raw embeddings on the inference path (folded BatchNorm, fused kernels).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
+        let mut y = self.stem_dw.forward(&self.stem.forward(&self.normalize_input(x)?)?)?;
+        for b in &self.blocks {
+            y = b.forward(&y)?;
+        }
+        Ok(self
+            .embedding
+            .forward(&self.gdconv.forward(&self.last.forward(&y)?)?)?)
+    }
+
+    /// Raw embeddings through the unfolded graph: candle convs, BatchNorm with batch
+    /// statistics when `train` (running statistics otherwise), autograd throughout. With
+    /// `train == false` it is the reference that [`Self::forward`] is tested against.
+    pub fn forward_graph(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.check_input(x)?;
+        let y = self.stem.forward_graph(&self.normalize_input(x)?, train)?;
+        let mut y = self.stem_dw.forward_graph(&y, train)?;
+        for b in &self.blocks {
+            y = b.forward_graph(&y, train)?;
+        }
+        let y = self.gdconv.forward_graph(&self.last.forward_graph(&y, train)?, train)?;
+        Ok(self.embedding.forward_graph(&y, train)?)
+    }
+
+    /// Training mode runs [`Self::forward_graph`]; inference runs [`Self::forward`].
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            self.forward_graph(x, true)
+        } else {
+            self.forward(x)
+        }
+    }
+
+    /// Unit-length embeddings for verification.
+    ///
+    /// With `flip`, the embedding is `normalise(normalise(f(x)) + normalise(f(hflip(x))))`,
+    /// insightface's flip test; both halves run as one batch.
+    pub fn embed(&self, x: &Tensor, flip: bool) -> Result<Tensor> {
+        if !flip {
+            return Ok(l2_normalize(&self.forward(x)?)?);
+        }
+        self.check_input(x)?;
+        let n = x.dim(0)?;
+        let both = Tensor::cat(&[x, &hflip(x)?], 0)?;
+        let y = l2_normalize(&self.forward(&both)?)?;
+        let sum = (y.narrow(0, 0, n)? + y.narrow(0, n, n)?)?;
+        Ok(l2_normalize(&sum)?)
+    }
+}
+
+/// Mirrors an NCHW batch left to right.
+pub fn hflip(x: &Tensor) -> candle_core::Result<Tensor> {
+    let w = x.dim(3)?;
+    let idx: Vec<u32> = (0..w as u32).rev().collect();
+    let idx = Tensor::from_vec(idx, w, x.device())?;
+    x.index_select(&idx, 3)
+}
+
+// `ModuleT` rather than `Module`: candle's blanket `ModuleT for Module` would drop the
+// train flag and run the folded inference path during training.
+impl ModuleT for MobileFaceNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        MobileFaceNet::forward_t(self, x, train).map_err(candle_core::Error::wrap)
+    }
+}

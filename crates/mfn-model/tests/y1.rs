@@ -1,0 +1,102 @@
+//! The real y1 weights through the MXNet importer, against ONNX Runtime's outputs.
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use mfn_model::{Checkpoint, Config};
+use serde_json::Value;
+
+fn assets() -> PathBuf {
+    let dir = std::env::var_os("MFN_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/assets"));
+    assert!(
+        dir.join("README.md").exists(),
+        "test assets not found at {}: set MFN_ASSETS to the assets folder",
+        dir.display()
+    );
+    dir
+}
+
+fn asset(rel: &str) -> PathBuf {
+    let p = assets().join(rel);
+    assert!(p.exists(), "missing test asset {}", p.display());
+    p
+}
+
+fn load_png(path: &PathBuf) -> Tensor {
+    let img = image::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).to_rgb8();
+    let (w, h) = img.dimensions();
+    let mut chw = vec![0f32; 3 * (w * h) as usize];
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            chw[c * (w * h) as usize + i] = p[c] as f32;
+        }
+    }
+    Tensor::from_vec(chw, (1, 3, h as usize, w as usize), &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &[f32]) -> f32 {
+    a.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn golden() -> Vec<(PathBuf, Vec<f32>, Vec<f32>)> {
+    let json: Value = serde_json::from_str(
+        &std::fs::read_to_string(asset("golden/mobilefacenet-y1-embeddings.json")).unwrap(),
+    )
+    .unwrap();
+    let vec = |v: &Value| -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    json["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                asset(e["path"].as_str().unwrap()),
+                vec(&e["embedding"]),
+                vec(&e["embedding_hflip"]),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn y1_matches_onnx_runtime_on_golden_pngs() {
+    let device = Device::Cpu;
+    let ckpt = Checkpoint::load(
+        &asset("models/mobilefacenet-y1/model-symbol.json"),
+        None,
+        &device,
+    )
+    .unwrap();
+    assert_eq!(ckpt.config.bn_eps, 1e-3);
+    assert_eq!(ckpt.config.head.bn_eps, 2e-5);
+    assert!(ckpt.config.head.fix_gamma);
+    assert_eq!(ckpt.config.input_norm, mfn_model::InputNorm::insightface());
+    let model = ckpt.build(&device).unwrap();
+    let golden = golden();
+    assert_eq!(golden.len(), 32);
+    let mut worst = 0f32;
+    for (path, plain, flipped) in &golden {
+        let x = load_png(path);
+        let fast = model.forward(&x).unwrap();
+        let graph = model.forward_graph(&x, false).unwrap();
+        let flip = model.forward(&mfn_model::hflip(&x).unwrap()).unwrap();
+        worst = worst
+            .max(max_abs_diff(&fast, plain))
+            .max(max_abs_diff(&graph, plain))
+            .max(max_abs_diff(&flip, flipped));
+    }
+    assert!(worst <= 1e-3, "max abs difference {worst}");
+    eprintln!("max abs difference against ONNX Runtime: {worst:e}");
+    let _ = Config::y1();
+}
