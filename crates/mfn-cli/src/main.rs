@@ -1,1 +1,50 @@
-fn main() {}
+//! `mfn-cli`: face verification with MobileFaceNet from the command line.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+/// Face verification with MobileFaceNet.
+#[derive(Parser, Debug)]
+#[command(name = "mfn-cli", version, about)]
+struct Cli {
+    /// Threads for the network and image decoding (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs the LFW pair protocol: 10-fold accuracy, ROC, AUC, EER and TAR@FAR.
+    Eval(commands::eval::Args),
+    /// Writes embeddings of aligned face images as JSON.
+    Embed(commands::embed::Args),
+    /// Converts a checkpoint (MXNet `*-symbol.json`) to the native safetensors format.
+    Convert(commands::convert::Args),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        mfn_model::set_num_threads(n);
+    }
+    let result = match cli.command {
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Embed(args) => commands::embed::run(args),
+        Command::Convert(args) => commands::convert::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}

@@ -163,8 +163,7 @@ fn fit_insightface(train: &[(f64, bool)]) -> Fit {
         correct: 0,
     };
     for i in 0..INSIGHTFACE_THRESHOLDS {
-        // np.arange computes start + i * step, so this reproduces its values bit for bit.
-        let t = i as f64 * 0.01;
+        let t = grid_threshold(i);
         let true_accepts = pos.partition_point(|&d| d < t);
         let true_rejects = neg.len() - neg.partition_point(|&d| d < t);
         let correct = true_accepts + true_rejects;
@@ -179,6 +178,13 @@ fn fit_insightface(train: &[(f64, bool)]) -> Fit {
     best
 }
 
+/// The `i`-th value of `np.arange(0, 4, 0.01)`.
+fn grid_threshold(i: usize) -> f64 {
+    // numpy fills an arange as `start + i * (a[1] - a[0])`, which is
+    // `i * 0.01` here; accumulating `t += 0.01` would drift from its values.
+    i as f64 * 0.01
+}
+
 /// Sort-and-sweep search over all thresholds that change a prediction.
 ///
 /// Sorting ascending and moving the threshold upwards one group of equal
@@ -188,6 +194,7 @@ fn fit_exact(train: &mut [(f64, bool)]) -> Fit {
     train.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
     let positives = train.iter().filter(|p| p.1).count();
     let Some(&(lowest, _)) = train.first() else {
+        // Unreachable from kfold_accuracy, which guarantees a non-empty training set.
         return Fit {
             threshold: 0.0,
             correct: 0,
@@ -204,8 +211,13 @@ fn fit_exact(train: &mut [(f64, bool)]) -> Fit {
         let score = train[start].0;
         let mut end = start;
         while end < train.len() && train[end].0 == score {
-            correct += if train[end].1 { 0 } else { 2 };
-            correct -= 1;
+            // The pair flips from accepted to rejected; a positive was
+            // counted as correct until now, so this cannot underflow.
+            if train[end].1 {
+                correct -= 1;
+            } else {
+                correct += 1;
+            }
             end += 1;
         }
         let threshold = match train.get(end) {
@@ -326,7 +338,9 @@ mod tests {
         // fold 0: 0.205+ 1.805-, fold 1: 0.405+ 1.405-, fold 2: 0.605+ 0.505-,
         // fold 3: 0.805+ 1.605-.
         let p = pairs(
-            &[0.8975, 0.0975, 0.7975, 0.2975, 0.6975, 0.7475, 0.5975, 0.1975],
+            &[
+                0.8975, 0.0975, 0.7975, 0.2975, 0.6975, 0.7475, 0.5975, 0.1975,
+            ],
             &[1, 0, 1, 0, 1, 0, 1, 0],
             &[0, 0, 1, 1, 2, 2, 3, 3],
         );
@@ -359,13 +373,34 @@ mod tests {
     }
 
     #[test]
+    fn insightface_comparison_is_strict() {
+        // cos 0.75 and 0.5 give distances exactly 0.5 and 1.0, which are
+        // themselves grid points; `d < t` must not accept d == t.
+        assert_eq!((50.0 * 0.01, 100.0 * 0.01), (0.5, 1.0));
+        let p = pairs(&[0.75, 0.5, 0.75, 0.5], &[1, 0, 1, 0], &[0, 0, 1, 1]);
+        let r = kfold_accuracy(&p, Protocol::Insightface).unwrap();
+        for f in &r.folds {
+            assert_eq!(f.threshold, 51.0 * 0.01);
+            assert_eq!((f.accuracy, f.train_accuracy), (1.0, 1.0));
+        }
+        // A positive at d = 0.495 is accepted from t = 0.50 on, where the
+        // negative at exactly d = 0.5 is still rejected.
+        let p = pairs(&[0.7525, 0.75, 0.7525, 0.75], &[1, 0, 1, 0], &[0, 0, 1, 1]);
+        let r = kfold_accuracy(&p, Protocol::Insightface).unwrap();
+        for f in &r.folds {
+            assert_eq!(f.threshold, 0.5);
+            assert_eq!((f.accuracy, f.train_accuracy), (1.0, 1.0));
+        }
+    }
+
+    #[test]
     fn insightface_grid_matches_numpy_arange() {
-        // np.arange(0, 4, 0.01)[[1, 7, 29, 399]] printed with repr().
-        let t = |i: usize| i as f64 * 0.01;
-        assert_eq!(t(1), 0.01);
-        assert_eq!(t(7), 0.07);
-        assert_eq!(t(29), 0.29);
-        assert_eq!(t(399), 3.99);
+        // The grid must hit the short decimals insightface logs, and stop below 4.
+        assert_eq!(grid_threshold(0), 0.0);
+        assert_eq!(grid_threshold(1), 0.01);
+        assert_eq!(grid_threshold(7), 0.07);
+        assert_eq!(grid_threshold(29), 0.29);
+        assert_eq!(grid_threshold(INSIGHTFACE_THRESHOLDS - 1), 3.99);
     }
 
     #[test]
@@ -461,15 +496,15 @@ mod tests {
     fn exact_matches_brute_force() {
         let mut rng = Lcg::new(2024);
         for round in 0..40 {
-            let n = 20 + (rng.next_u32() % 200) as usize;
-            let n_folds = 2 + (rng.next_u32() % 9) as usize;
+            let n = 20 + rng.below(200) as usize;
+            let n_folds = 2 + rng.below(9) as usize;
             // Coarse quantisation on odd rounds creates many ties.
             let levels = if round % 2 == 1 { 7 } else { 1 << 30 };
-            let labels: Vec<bool> = (0..n).map(|_| rng.next_u32() % 2 == 0).collect();
+            let labels: Vec<bool> = (0..n).map(|_| rng.below(2) == 0).collect();
             let scores: Vec<f64> = labels
                 .iter()
                 .map(|&same| {
-                    let noise = (rng.next_u32() % levels) as f64 / levels as f64;
+                    let noise = rng.below(levels) as f64 / levels as f64;
                     if same {
                         0.3 * noise + 0.25
                     } else {
@@ -486,7 +521,10 @@ mod tests {
                     .collect();
                 let (threshold, train_accuracy) = brute_force_exact(&train);
                 assert_eq!(fold.threshold, threshold, "round {round} fold {k}");
-                assert_eq!(fold.train_accuracy, train_accuracy, "round {round} fold {k}");
+                assert_eq!(
+                    fold.train_accuracy, train_accuracy,
+                    "round {round} fold {k}"
+                );
                 let test: Vec<usize> = (0..n).filter(|&i| p.folds[i] == k).collect();
                 let correct = test
                     .iter()
@@ -501,7 +539,7 @@ mod tests {
     fn insightface_matches_naive_grid() {
         let mut rng = Lcg::new(99);
         let n = 300;
-        let labels: Vec<bool> = (0..n).map(|_| rng.next_u32() % 2 == 0).collect();
+        let labels: Vec<bool> = (0..n).map(|_| rng.below(2) == 0).collect();
         let scores: Vec<f64> = labels
             .iter()
             .map(|&s| rng.next_f64() * 0.8 + if s { 0.1 } else { -0.2 })
@@ -567,8 +605,14 @@ mod tests {
 
     #[test]
     fn protocol_serde_names() {
-        assert_eq!(serde_json::to_string(&Protocol::Insightface).unwrap(), "\"insightface\"");
-        assert_eq!(serde_json::to_string(&Protocol::Exact).unwrap(), "\"exact\"");
+        assert_eq!(
+            serde_json::to_string(&Protocol::Insightface).unwrap(),
+            "\"insightface\""
+        );
+        assert_eq!(
+            serde_json::to_string(&Protocol::Exact).unwrap(),
+            "\"exact\""
+        );
         let p: Protocol = serde_json::from_str("\"exact\"").unwrap();
         assert_eq!(p, Protocol::Exact);
     }

@@ -86,7 +86,10 @@ mod tests {
     fn evaluate_combines_everything() {
         let p = lfw_like();
         let r = evaluate(&p, &[1e-3, 1e-2, 0.1]).unwrap();
-        assert_eq!((r.pairs, r.folds, r.positives, r.negatives), (6000, 10, 3000, 3000));
+        assert_eq!(
+            (r.pairs, r.folds, r.positives, r.negatives),
+            (6000, 10, 3000, 3000)
+        );
         assert_eq!(r.insightface.protocol, Protocol::Insightface);
         assert_eq!(r.exact.protocol, Protocol::Exact);
         assert_eq!(r.insightface.folds.len(), 10);
@@ -98,7 +101,11 @@ mod tests {
         assert!(r.tar_at_far[0].tar <= r.tar_at_far[1].tar);
         assert!(r.tar_at_far[1].tar <= r.tar_at_far[2].tar);
         // Overlap 0.25..0.4 holds 1/5 of negatives and 1/5 of positives.
-        assert!(r.exact.mean > 0.85 && r.exact.mean < 0.97, "{}", r.exact.mean);
+        assert!(
+            r.exact.mean > 0.85 && r.exact.mean < 0.97,
+            "{}",
+            r.exact.mean
+        );
         assert!((r.insightface.mean - r.exact.mean).abs() < 0.02);
         assert!(r.auc > 0.95 && r.auc < 1.0);
     }
@@ -111,10 +118,16 @@ mod tests {
         assert!(json.contains("\"mean_threshold_cosine\""));
         let back: Report = serde_json::from_str(&json).unwrap();
         // serde_json's default float parser may be one ulp off, so compare loosely.
-        assert_eq!((back.pairs, back.folds, back.negatives), (r.pairs, r.folds, r.negatives));
+        assert_eq!(
+            (back.pairs, back.folds, back.negatives),
+            (r.pairs, r.folds, r.negatives)
+        );
         assert_eq!(back.exact.protocol, Protocol::Exact);
         assert_eq!(back.insightface.folds.len(), r.insightface.folds.len());
-        assert_eq!(back.tar_at_far[0].false_accepts, r.tar_at_far[0].false_accepts);
+        assert_eq!(
+            back.tar_at_far[0].false_accepts,
+            r.tar_at_far[0].false_accepts
+        );
         assert!((back.exact.mean - r.exact.mean).abs() < 1e-15);
         assert!((back.auc - r.auc).abs() < 1e-15);
     }
@@ -122,14 +135,21 @@ mod tests {
     #[test]
     fn evaluate_errors() {
         let p = lfw_like();
-        assert!(matches!(evaluate(&p, &[2.0]), Err(Error::InvalidFar { .. })));
-        let one_class = PairScores::contiguous_folds(vec![0.1, 0.2, 0.3, 0.4], vec![true; 4], 2).unwrap();
+        assert!(matches!(
+            evaluate(&p, &[2.0]),
+            Err(Error::InvalidFar { .. })
+        ));
+        let one_class =
+            PairScores::contiguous_folds(vec![0.1, 0.2, 0.3, 0.4], vec![true; 4], 2).unwrap();
         assert!(matches!(
             evaluate(&one_class, &[]),
             Err(Error::MissingClass { .. })
         ));
         let mut bad = p;
         bad.folds[17] = 42;
-        assert!(matches!(evaluate(&bad, &[]), Err(Error::EmptyFold { fold: 10, .. })));
+        assert!(matches!(
+            evaluate(&bad, &[]),
+            Err(Error::EmptyFold { fold: 10, .. })
+        ));
     }
 }

@@ -208,7 +208,10 @@ mod tests {
         assert_eq!(r.eer_threshold, 0.6);
 
         let t = tar_at_far(&r, 0.0).unwrap();
-        assert_eq!((t.tar, t.threshold, t.false_accepts, t.negatives), (0.5, 0.8, 0, 4));
+        assert_eq!(
+            (t.tar, t.threshold, t.false_accepts, t.negatives),
+            (0.5, 0.8, 0, 4)
+        );
         // FAR 0.3 allows one false accept: reaching TAR 0.75 at 0.6.
         let t = tar_at_far(&r, 0.3).unwrap();
         assert_eq!((t.tar, t.threshold, t.false_accepts), (0.75, 0.6, 1));
@@ -265,15 +268,15 @@ mod tests {
     fn auc_matches_mann_whitney() {
         let mut rng = Lcg::new(12345);
         for round in 0..30 {
-            let n = 2 + (rng.next_u32() % 400) as usize;
+            let n = 2 + rng.below(400) as usize;
             let levels = if round % 3 == 0 { 5 } else { 1000 };
-            let mut l: Vec<bool> = (0..n).map(|_| rng.next_u32() % 3 == 0).collect();
+            let mut l: Vec<bool> = (0..n).map(|_| rng.below(3) == 0).collect();
             l[0] = true;
             l[1] = false;
             let scores: Vec<f64> = l
                 .iter()
                 .map(|&same| {
-                    let q = f64::from(rng.next_u32() % levels) / f64::from(levels);
+                    let q = f64::from(rng.below(levels)) / f64::from(levels);
                     if same {
                         q * 0.7 + 0.3
                     } else {
@@ -292,7 +295,10 @@ mod tests {
             assert!((trapezoid - r.auc).abs() < 1e-12, "round {round}");
             let first = r.points.first().unwrap();
             let last = r.points.last().unwrap();
-            assert_eq!((first.fpr, first.tpr, last.fpr, last.tpr), (0.0, 0.0, 1.0, 1.0));
+            assert_eq!(
+                (first.fpr, first.tpr, last.fpr, last.tpr),
+                (0.0, 0.0, 1.0, 1.0)
+            );
             assert!(r.points.windows(2).all(|w| w[0].threshold > w[1].threshold
                 && w[0].fpr <= w[1].fpr
                 && w[0].tpr <= w[1].tpr));

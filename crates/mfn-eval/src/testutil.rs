@@ -19,6 +19,11 @@ impl Lcg {
         (self.0 >> 32) as u32
     }
 
+    /// Uniform in `0..n` (with negligible modulo bias for small `n`).
+    pub(crate) fn below(&mut self, n: u32) -> u32 {
+        self.next_u32() % n
+    }
+
     /// Uniform in `[0, 1)`.
     pub(crate) fn next_f64(&mut self) -> f64 {
         let hi = u64::from(self.next_u32()) << 21;
@@ -47,23 +52,23 @@ pub(crate) fn brute_force_exact(train: &[(f64, bool)]) -> (f64, f64) {
 
 /// Mann–Whitney U over all positive/negative pairs, ties counting one half.
 pub(crate) fn brute_force_auc(scores: &[f64], labels: &[bool]) -> f64 {
+    let pos: Vec<f64> = (0..scores.len())
+        .filter(|&i| labels[i])
+        .map(|i| scores[i])
+        .collect();
+    let neg: Vec<f64> = (0..scores.len())
+        .filter(|&i| !labels[i])
+        .map(|i| scores[i])
+        .collect();
     let mut twice_u = 0u64;
-    let (mut p, mut n) = (0u64, 0u64);
-    for (&s, &l) in scores.iter().zip(labels) {
-        if l {
-            p += 1;
-        } else {
-            n += 1;
-        }
-    }
-    for (&sp, _) in scores.iter().zip(labels).filter(|x| *x.1) {
-        for (&sn, _) in scores.iter().zip(labels).filter(|x| !*x.1) {
-            twice_u += match sp.partial_cmp(&sn).unwrap() {
+    for &p in &pos {
+        for &n in &neg {
+            twice_u += match p.total_cmp(&n) {
                 std::cmp::Ordering::Greater => 2,
                 std::cmp::Ordering::Equal => 1,
                 std::cmp::Ordering::Less => 0,
             };
         }
     }
-    twice_u as f64 / (2 * p * n) as f64
+    twice_u as f64 / (2 * pos.len() * neg.len()) as f64
 }

@@ -98,7 +98,12 @@ impl Checkpoint {
         names.sort();
         let data: Vec<(&str, Tensor)> = names
             .into_iter()
-            .map(|n| Ok((n.as_str(), self.tensors[n].to_device(&Device::Cpu)?.contiguous()?)))
+            .map(|n| {
+                Ok((
+                    n.as_str(),
+                    self.tensors[n].to_device(&Device::Cpu)?.contiguous()?,
+                ))
+            })
             .collect::<candle_core::Result<_>>()?;
         let bytes = safetensors::serialize(data, Some(meta))
             .map_err(|e| native_err(format!("cannot serialise: {e}")))?;

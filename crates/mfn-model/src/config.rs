@@ -285,8 +285,8 @@ impl Config {
         let fc = e.in_features * e.out_features;
         total.macs += fc as u64;
         total.params += (fc + if e.bias { e.out_features } else { 0 }) as u64;
-        // A fixed gamma is not learnable: only beta counts then.
-        total.params += if e.fix_gamma { 1 } else { 2 } * e.out_features as u64;
+        // gamma counts even when fix_gamma pins it, as in insightface's own count.
+        total.params += 2 * e.out_features as u64;
         total
     }
 }
@@ -431,14 +431,20 @@ impl Plan {
                 vec![conv.out_channels, conv.in_channels / conv.groups, kh, kw],
             ));
             for part in ["gamma", "beta", "moving_mean", "moving_var"] {
-                out.push((format!("{}_{part}", conv.bn_name()), vec![conv.out_channels]));
+                out.push((
+                    format!("{}_{part}", conv.bn_name()),
+                    vec![conv.out_channels],
+                ));
             }
             if conv.prelu {
                 out.push((conv.prelu_name(), vec![conv.out_channels]));
             }
         }
         let e = &self.embedding;
-        out.push((EmbeddingSpec::WEIGHT.into(), vec![e.out_features, e.in_features]));
+        out.push((
+            EmbeddingSpec::WEIGHT.into(),
+            vec![e.out_features, e.in_features],
+        ));
         if e.bias {
             out.push((EmbeddingSpec::BIAS.into(), vec![e.out_features]));
         }
@@ -446,7 +452,10 @@ impl Plan {
             if part == "gamma" && e.fix_gamma {
                 continue;
             }
-            out.push((format!("{}_{part}", EmbeddingSpec::BN), vec![e.out_features]));
+            out.push((
+                format!("{}_{part}", EmbeddingSpec::BN),
+                vec![e.out_features],
+            ));
         }
         out
     }
@@ -472,7 +481,10 @@ mod tests {
     fn y1_counts_its_fc_bias_and_fixed_gamma() {
         // 1,003,264 parameters is what insightface reports for y1.
         assert_eq!(Config::y1().complexity().params, 1_003_264);
-        assert_eq!(Config::y1().complexity().macs, Config::paper().complexity().macs);
+        assert_eq!(
+            Config::y1().complexity().macs,
+            Config::paper().complexity().macs
+        );
     }
 
     #[test]

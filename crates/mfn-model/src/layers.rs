@@ -129,7 +129,10 @@ impl ConvBnAct {
             prelu: slope.as_ref().map(to_arc_vec).transpose()?,
         };
         if spec.pad[0] != spec.pad[1] {
-            candle_core::bail!("{}: only equal padding on both axes is supported", spec.name);
+            candle_core::bail!(
+                "{}: only equal padding on both axes is supported",
+                spec.name
+            );
         }
         Ok(Self {
             spec: spec.clone(),
@@ -174,9 +177,12 @@ impl ConvBnAct {
             }
             Folded::Pointwise(w) => {
                 let (n, c, h, wd) = x.dims4()?;
-                let y = w
-                    .broadcast_matmul(&x.reshape((n, c, h * wd))?)?
-                    .reshape((n, self.spec.out_channels, h, wd))?;
+                let y = w.broadcast_matmul(&x.reshape((n, c, h * wd))?)?.reshape((
+                    n,
+                    self.spec.out_channels,
+                    h,
+                    wd,
+                ))?;
                 self.finish(y)
             }
             Folded::Dense(w) => {
@@ -335,6 +341,10 @@ impl Embedding {
 
 /// Scales each row of a 2-d tensor to unit L2 norm; an all-zero row stays zero.
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::MAX)?;
     x.broadcast_div(&norm)
 }

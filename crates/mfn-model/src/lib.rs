@@ -14,3 +14,18 @@ pub use config::{Bottleneck, Complexity, Config, ConvSpec, Head, InputNorm, Plan
 pub use error::{Error, Result};
 pub use layers::l2_normalize;
 pub use model::{hflip, MobileFaceNet};
+
+/// Sets how many threads candle's matrix products and this crate's kernels use, process
+/// wide. Call it once, before any model runs; later calls only affect candle.
+///
+/// Both run on rayon's global pool, so one pool of `n` threads serves both and neither
+/// oversubscribes the other.
+pub fn set_num_threads(n: usize) {
+    let n = n.max(1);
+    // candle sizes its gemm calls from this variable on every call.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    // Fails only if the pool already exists, in which case its size stays as it was.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+}

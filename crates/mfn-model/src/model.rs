@@ -61,8 +61,8 @@ impl MobileFaceNet {
 
     fn check_input(&self, x: &Tensor) -> Result<()> {
         let [h, w] = self.config.input_size;
-        let ok = matches!(x.dims(), &[_, 3, xh, xw] if xh == h && xw == w)
-            && x.dtype() == DType::F32;
+        let ok =
+            matches!(x.dims(), &[_, 3, xh, xw] if xh == h && xw == w) && x.dtype() == DType::F32;
         if ok {
             Ok(())
         } else {
@@ -81,7 +81,9 @@ impl MobileFaceNet {
     /// Raw embeddings on the inference path (folded BatchNorm, fused kernels).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x)?;
-        let mut y = self.stem_dw.forward(&self.stem.forward(&self.normalize_input(x)?)?)?;
+        let mut y = self
+            .stem_dw
+            .forward(&self.stem.forward(&self.normalize_input(x)?)?)?;
         for b in &self.blocks {
             y = b.forward(&y)?;
         }
@@ -100,7 +102,9 @@ impl MobileFaceNet {
         for b in &self.blocks {
             y = b.forward_graph(&y, train)?;
         }
-        let y = self.gdconv.forward_graph(&self.last.forward_graph(&y, train)?, train)?;
+        let y = self
+            .gdconv
+            .forward_graph(&self.last.forward_graph(&y, train)?, train)?;
         Ok(self.embedding.forward_graph(&y, train)?)
     }
 

@@ -102,7 +102,11 @@ impl CustomOp1 for DepthwiseConv2d {
         "mfn-depthwise-conv2d"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = layout.shape().dims4()?;
         if c * self.kernel[0] * self.kernel[1] != self.weight.len() {
             candle_core::bail!(
@@ -112,7 +116,9 @@ impl CustomOp1 for DepthwiseConv2d {
         }
         let src = match (storage, layout.contiguous_offsets()) {
             (CpuStorage::F32(data), Some((a, b))) => &data[a..b],
-            (CpuStorage::F32(_), None) => candle_core::bail!("depthwise conv: input must be contiguous"),
+            (CpuStorage::F32(_), None) => {
+                candle_core::bail!("depthwise conv: input must be contiguous")
+            }
             _ => candle_core::bail!("depthwise conv: only f32 is supported"),
         };
         let [oh, ow] = self.out_hw(h, w);
@@ -146,7 +152,11 @@ impl CustomOp1 for BiasPrelu {
         "mfn-bias-prelu"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = layout.shape().dims();
         if dims.len() < 2 || dims[1] != self.bias.len() {
             candle_core::bail!(
@@ -156,7 +166,9 @@ impl CustomOp1 for BiasPrelu {
         }
         let src = match (storage, layout.contiguous_offsets()) {
             (CpuStorage::F32(data), Some((a, b))) => &data[a..b],
-            (CpuStorage::F32(_), None) => candle_core::bail!("bias/prelu: input must be contiguous"),
+            (CpuStorage::F32(_), None) => {
+                candle_core::bail!("bias/prelu: input must be contiguous")
+            }
             _ => candle_core::bail!("bias/prelu: only f32 is supported"),
         };
         let c = dims[1];
@@ -204,9 +216,7 @@ mod tests {
         let y = x
             .conv2d(&w, op.pad[0], op.stride, 1, c)
             .unwrap()
-            .broadcast_add(
-                &Tensor::from_vec(op.bias.to_vec(), (1, c, 1, 1), &Device::Cpu).unwrap(),
-            )
+            .broadcast_add(&Tensor::from_vec(op.bias.to_vec(), (1, c, 1, 1), &Device::Cpu).unwrap())
             .unwrap();
         match &op.prelu {
             None => y,
@@ -222,7 +232,13 @@ mod tests {
     fn check(shape: [usize; 4], k: usize, stride: usize, pad: usize, prelu: bool, transpose: bool) {
         let c = shape[1];
         let op = DepthwiseConv2d {
-            weight: Arc::new(ramp(&[c * k * k], 1.0).flatten_all().unwrap().to_vec1().unwrap()),
+            weight: Arc::new(
+                ramp(&[c * k * k], 1.0)
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+            ),
             bias: Arc::new(ramp(&[c], 2.0).to_vec1().unwrap()),
             prelu: prelu.then(|| Arc::new(ramp(&[c], 3.0).to_vec1().unwrap())),
             kernel: [k, k],
@@ -250,8 +266,19 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff <= 1e-5 * scale.max(1.0), "max diff {diff} for {shape:?} k{k} s{stride}");
+        let scale = want
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff <= 1e-5 * scale.max(1.0),
+            "max diff {diff} for {shape:?} k{k} s{stride}"
+        );
     }
 
     #[test]
@@ -275,7 +302,13 @@ mod tests {
             .reshape((1, 2, 1, 2))
             .unwrap();
         let y = op.forward(&x).unwrap();
-        assert_eq!(y.i((0, 0, 0)).unwrap().to_vec1::<f32>().unwrap(), [1.5, -1.0]);
-        assert_eq!(y.i((0, 1, 0)).unwrap().to_vec1::<f32>().unwrap(), [-0.125, 1.0]);
+        assert_eq!(
+            y.i((0, 0, 0)).unwrap().to_vec1::<f32>().unwrap(),
+            [1.5, -1.0]
+        );
+        assert_eq!(
+            y.i((0, 1, 0)).unwrap().to_vec1::<f32>().unwrap(),
+            [-0.125, 1.0]
+        );
     }
 }

@@ -60,11 +60,15 @@ impl<'a> Reader<'a> {
     }
 
     fn u32(&mut self, what: &str) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().unwrap_or_default()))
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().unwrap_or_default(),
+        ))
     }
 
     fn u64(&mut self, what: &str) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap_or_default()))
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().unwrap_or_default(),
+        ))
     }
 
     fn i32(&mut self, what: &str) -> Result<i32> {
@@ -319,9 +323,7 @@ pub fn read_symbol(path: &Path) -> Result<Symbol> {
                 Some(s) => parse_tuple(s)
                     .and_then(pair)
                     .ok_or_else(|| bad(format!("node `{name}`: cannot read {key}={s:?}"))),
-                None => {
-                    default.ok_or_else(|| bad(format!("node `{name}` ({op}) has no `{key}`")))
-                }
+                None => default.ok_or_else(|| bad(format!("node `{name}` ({op}) has no `{key}`"))),
             }
         };
         let number = |key: &str, default: Option<f64>| -> Result<f64> {
@@ -330,9 +332,7 @@ pub fn read_symbol(path: &Path) -> Result<Symbol> {
                     .trim()
                     .parse()
                     .map_err(|_| bad(format!("node `{name}`: cannot read {key}={s:?}"))),
-                None => {
-                    default.ok_or_else(|| bad(format!("node `{name}` ({op}) has no `{key}`")))
-                }
+                None => default.ok_or_else(|| bad(format!("node `{name}` ({op}) has no `{key}`"))),
             }
         };
         let layer = match op {
@@ -507,8 +507,14 @@ pub fn match_config(symbol: &Symbol, config: &Config, path: &Path) -> Result<Con
         };
         let same_layer = match (&want.layer, &got.layer) {
             (
-                Layer::BatchNorm { eps: a, fix_gamma: fa },
-                Layer::BatchNorm { eps: b, fix_gamma: fb },
+                Layer::BatchNorm {
+                    eps: a,
+                    fix_gamma: fa,
+                },
+                Layer::BatchNorm {
+                    eps: b,
+                    fix_gamma: fb,
+                },
             ) => fa == fb && (a - b).abs() <= 1e-12 * a.abs().max(1.0),
             (a, b) => a == b,
         };
@@ -538,11 +544,16 @@ pub fn params_beside(symbol: &Path) -> Result<PathBuf> {
         .file_name()
         .and_then(|f| f.to_str())
         .unwrap_or_default();
-    let prefix = file.strip_suffix("-symbol.json").ok_or_else(|| Error::Symbol {
-        path: symbol.to_path_buf(),
-        message: "an MXNet symbol file is named `<prefix>-symbol.json`".into(),
-    })?;
-    let dir = symbol.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let prefix = file
+        .strip_suffix("-symbol.json")
+        .ok_or_else(|| Error::Symbol {
+            path: symbol.to_path_buf(),
+            message: "an MXNet symbol file is named `<prefix>-symbol.json`".into(),
+        })?;
+    let dir = symbol
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let entries = std::fs::read_dir(dir).map_err(|source| Error::Io {
         path: dir.to_path_buf(),
         source,

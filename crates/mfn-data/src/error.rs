@@ -1,0 +1,81 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong while reading images and protocol files.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// An image file exists but cannot be decoded.
+    #[error("{path}: cannot decode image: {message}")]
+    Decode {
+        /// The file.
+        path: PathBuf,
+        /// The decoder's complaint.
+        message: String,
+    },
+
+    /// An image does not have the size the batch needs.
+    #[error("{path}: image is {found:?} (width x height), expected {expected:?}")]
+    ImageSize {
+        /// The file.
+        path: PathBuf,
+        /// The size the caller asked for, width x height.
+        expected: [usize; 2],
+        /// The size of the image, width x height.
+        found: [usize; 2],
+    },
+
+    /// Images a protocol needs are absent.
+    #[error("{} image(s) missing under {}:\n  {}", paths.len(), root.display(), list_paths(paths))]
+    MissingImages {
+        /// The image folder.
+        root: PathBuf,
+        /// Every missing file.
+        paths: Vec<PathBuf>,
+    },
+
+    /// A line of a pairs file is malformed.
+    #[error("{path}:{line}: {message}")]
+    Pairs {
+        /// The pairs file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What was wrong.
+        message: String,
+    },
+
+    /// A pairs file has no pairs.
+    #[error("{path}: the pairs file is empty")]
+    EmptyPairs {
+        /// The pairs file.
+        path: PathBuf,
+    },
+
+    /// The tensor library failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+fn list_paths(paths: &[PathBuf]) -> String {
+    const SHOWN: usize = 20;
+    let mut s: Vec<String> = paths
+        .iter()
+        .take(SHOWN)
+        .map(|p| p.display().to_string())
+        .collect();
+    if paths.len() > SHOWN {
+        s.push(format!("... and {} more", paths.len() - SHOWN));
+    }
+    s.join("\n  ")
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
