@@ -59,6 +59,13 @@ pub enum Error {
         path: PathBuf,
     },
 
+    /// An asset the caller asked for is not there.
+    #[error("asset missing: {message}")]
+    Assets {
+        /// Which asset and where it was looked for.
+        message: String,
+    },
+
     /// The tensor library failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

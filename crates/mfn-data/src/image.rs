@@ -14,11 +14,32 @@ pub fn decode_rgb(path: &Path) -> Result<RgbImage> {
         path: path.to_path_buf(),
         source,
     })?;
+    if is_truncated_jpeg(&bytes) {
+        return Err(Error::Decode {
+            path: path.to_path_buf(),
+            message: "truncated JPEG: no end-of-image marker after the image data".into(),
+        });
+    }
     let img = image::load_from_memory(&bytes).map_err(|e| Error::Decode {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
     Ok(img.to_rgb8())
+}
+
+/// JPEG decoders fill in whatever a cut-off file lacks and report success, which would give
+/// a silently wrong face. Entropy-coded data never holds `FF D9` (a literal `FF` is stuffed
+/// as `FF 00`), so a complete file has an end-of-image marker after its last start-of-scan.
+fn is_truncated_jpeg(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let last = |marker: u8| bytes.windows(2).rposition(|w| w == [0xFF, marker]);
+    match (last(0xDA), last(0xD9)) {
+        (Some(sos), Some(eoi)) => eoi < sos,
+        (_, None) => true,
+        (None, Some(_)) => false,
+    }
 }
 
 /// Writes an RGB image into `out` as planar CHW `f32` in `0..=255`.

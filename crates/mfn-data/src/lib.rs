@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod assets;
 mod error;
 pub mod image;
 pub mod loader;

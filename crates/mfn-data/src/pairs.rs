@@ -207,3 +207,100 @@ impl Pairs {
         self.pairs.iter().map(|p| p.fold).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Pairs> {
+        Pairs::parse(text, Path::new("pairs.txt"))
+    }
+
+    fn line_of(err: Error) -> usize {
+        match err {
+            Error::Pairs { line, .. } => line,
+            other => panic!("expected a Pairs error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn both_line_forms_folds_and_labels() {
+        let text = "2\t1\nA\t1\t2\nB\t1\tC\t3\nD 4 5\nA 2 E 1\n";
+        let p = parse(text).unwrap();
+        assert_eq!(p.folds, 2);
+        assert_eq!(p.labels(), [true, false, true, false]);
+        assert_eq!(p.fold_ids(), [0, 0, 1, 1]);
+        assert_eq!(
+            p.pairs[1].b,
+            ImageRef {
+                name: "C".into(),
+                number: 3
+            }
+        );
+        let (unique, index) = p.index();
+        // A_0002 appears twice but is listed once.
+        assert_eq!(unique.len(), 7);
+        assert_eq!(index[0], [0, 1]);
+        assert_eq!(index[3][0], 1);
+    }
+
+    #[test]
+    fn view1_single_number_header() {
+        let p = parse("1\nA 1 2\nA 1 B 1\n").unwrap();
+        assert_eq!(p.folds, 1);
+        assert_eq!(p.pairs.len(), 2);
+    }
+
+    #[test]
+    fn wrong_field_count_gives_the_line_number() {
+        let err = parse("1 1\nA 1 2\n\nA 1 B\n").unwrap_err();
+        assert!(err.to_string().starts_with("pairs.txt:4:"), "{err}");
+        assert_eq!(line_of(err), 4);
+        assert_eq!(
+            line_of(parse("1 1\nA 1 2 3 4 5\nA 1 B 1\n").unwrap_err()),
+            2
+        );
+    }
+
+    #[test]
+    fn bad_numbers_and_headers() {
+        assert_eq!(line_of(parse("1 1\nA one 2\nA 1 B 1\n").unwrap_err()), 2);
+        assert_eq!(line_of(parse("ten 300\n").unwrap_err()), 1);
+        assert_eq!(line_of(parse("1 2 3\n").unwrap_err()), 1);
+    }
+
+    #[test]
+    fn count_must_match_the_header() {
+        let short = parse("1 2\nA 1 2\nA 1 B 1\n").unwrap_err();
+        assert!(
+            short.to_string().contains("promises 1 folds of 4 pairs"),
+            "{short}"
+        );
+        assert_eq!(
+            line_of(parse("1 1\nA 1 2\nA 1 B 1\nC 1 2\n").unwrap_err()),
+            4
+        );
+    }
+
+    #[test]
+    fn empty_files_are_errors() {
+        for text in ["", "\n\n  \n", "0 300\n"] {
+            assert!(
+                matches!(parse(text), Err(Error::EmptyPairs { .. })),
+                "{text:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn image_paths_follow_the_lfw_layout() {
+        let r = ImageRef {
+            name: "Aaron_Peirsol".into(),
+            number: 12,
+        };
+        assert_eq!(
+            r.path(Path::new("/lfw"), "jpg"),
+            Path::new("/lfw/Aaron_Peirsol/Aaron_Peirsol_0012.jpg")
+        );
+    }
+}

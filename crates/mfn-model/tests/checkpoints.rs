@@ -6,8 +6,9 @@ use candle_core::{Device, Tensor};
 use mfn_model::import::mxnet;
 use mfn_model::{Checkpoint, Config, Error};
 
-mod common;
-use common::asset;
+fn asset(rel: &str) -> PathBuf {
+    mfn_data::assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
+}
 
 fn y1_symbol() -> PathBuf {
     asset("models/mobilefacenet-y1/model-symbol.json")

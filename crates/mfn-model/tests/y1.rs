@@ -6,21 +6,12 @@ use candle_core::{Device, Tensor};
 use mfn_model::Checkpoint;
 use serde_json::Value;
 
-mod common;
-use common::asset;
+fn asset(rel: &str) -> PathBuf {
+    mfn_data::assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
+}
 
 fn load_png(path: &PathBuf) -> Tensor {
-    let img = image::open(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .to_rgb8();
-    let (w, h) = img.dimensions();
-    let mut chw = vec![0f32; 3 * (w * h) as usize];
-    for (i, p) in img.pixels().enumerate() {
-        for c in 0..3 {
-            chw[c * (w * h) as usize + i] = p[c] as f32;
-        }
-    }
-    Tensor::from_vec(chw, (1, 3, h as usize, w as usize), &Device::Cpu).unwrap()
+    mfn_data::load_batch(std::slice::from_ref(path), [112, 112], &Device::Cpu).unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &[f32]) -> f32 {

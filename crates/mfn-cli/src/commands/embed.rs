@@ -22,7 +22,7 @@ pub struct Args {
     #[arg(long, conflicts_with = "no_normalize")]
     flip: bool,
     /// Images per batch.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 8)]
     batch: usize,
     /// Write the JSON here instead of to standard output.
     #[arg(long)]

@@ -4,14 +4,13 @@ pub mod convert;
 pub mod embed;
 pub mod eval;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use mfn_model::{Checkpoint, Config, MobileFaceNet};
 
-/// The environment variable naming the assets folder that default paths are taken from.
-pub const ASSETS_ENV: &str = "MFN_ASSETS";
+use mfn_data::assets::ENV as ASSETS_ENV;
 
 /// `explicit`, or `$MFN_ASSETS/<rel>` when it is absent; `flag` names the option in the
 /// message when neither is there.
@@ -19,8 +18,8 @@ pub fn asset_or(explicit: Option<PathBuf>, rel: &str, flag: &str) -> Result<Path
     if let Some(p) = explicit {
         return Ok(p);
     }
-    match std::env::var_os(ASSETS_ENV) {
-        Some(root) => Ok(Path::new(&root).join(rel)),
+    match mfn_data::assets::root() {
+        Some(root) => Ok(root.join(rel)),
         None => bail!(
             "no {flag} given and {ASSETS_ENV} is not set: pass {flag} PATH, or set {ASSETS_ENV} \
              to an assets folder that holds {rel}"

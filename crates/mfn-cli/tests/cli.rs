@@ -1,0 +1,254 @@
+//! The `mfn-cli` binary end to end, on the real y1 weights and LFW files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn asset(rel: &str) -> PathBuf {
+    mfn_data::assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn mfn(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mfn-cli"))
+        .args(args)
+        .output()
+        .expect("running mfn-cli")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "mfn-cli failed: {}", stderr(&o));
+    o
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// `embed --no-normalize` on the golden PNGs and on their mirror images, against ONNX
+/// Runtime's raw outputs.
+#[test]
+fn embed_matches_the_golden_embeddings() {
+    let golden = read_json(&asset("golden/mobilefacenet-y1-embeddings.json"));
+    let entries = golden["images"].as_array().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut inputs = Vec::new();
+    let mut expected = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let png = asset(e["path"].as_str().unwrap());
+        let mirrored = dir.path().join(format!("{i}-flipped.png"));
+        image::imageops::flip_horizontal(&image::open(&png).unwrap().to_rgb8())
+            .save(&mirrored)
+            .unwrap();
+        inputs.push(png);
+        expected.push(floats(&e["embedding"]));
+        inputs.push(mirrored);
+        expected.push(floats(&e["embedding_hflip"]));
+    }
+    let out = dir.path().join("emb.json");
+    let model = asset("models/mobilefacenet-y1/model-symbol.json");
+    let mut args = vec![
+        "embed".to_string(),
+        "--no-normalize".into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--json".into(),
+        out.display().to_string(),
+    ];
+    args.extend(inputs.iter().map(|p| p.display().to_string()));
+    ok(mfn(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+
+    let got = read_json(&out);
+    let rows = got["images"].as_array().unwrap();
+    assert_eq!(rows.len(), 64);
+    let mut worst = 0f32;
+    for (row, (want, path)) in rows.iter().zip(expected.iter().zip(&inputs)) {
+        assert_eq!(row["path"].as_str().unwrap(), path.display().to_string());
+        let e = floats(&row["embedding"]);
+        assert_eq!(e.len(), 128);
+        let norm = e.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!(norm > 1.0, "raw outputs are not unit length (norm {norm})");
+        for (a, b) in e.iter().zip(want) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    assert!(worst <= 1e-3, "max abs difference {worst}");
+}
+
+#[test]
+fn convert_writes_a_native_model_that_embeds_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let native = dir.path().join("y1.safetensors");
+    let symbol = asset("models/mobilefacenet-y1/model-symbol.json");
+    ok(mfn(&[
+        "convert",
+        symbol.to_str().unwrap(),
+        native.to_str().unwrap(),
+    ]));
+    let face = asset("golden/images/Dean_Barker_0001.png");
+    let embed = |model: &Path| -> Vec<f32> {
+        let out = ok(mfn(&[
+            "embed",
+            "--flip",
+            "--model",
+            model.to_str().unwrap(),
+            face.to_str().unwrap(),
+        ]));
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+        floats(&json["images"][0]["embedding"])
+    };
+    let (a, b) = (embed(&symbol), embed(&native));
+    assert_eq!(a, b);
+    let norm = a.iter().map(|v| v * v).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-5);
+}
+
+/// Writes a pairs file of the given lines with a `folds n` header.
+fn pairs_file(dir: &Path, header: &str, lines: &[String]) -> PathBuf {
+    let p = dir.join("pairs.txt");
+    std::fs::write(&p, format!("{header}\n{}\n", lines.join("\n"))).unwrap();
+    p
+}
+
+fn lfw_lines() -> Vec<String> {
+    std::fs::read_to_string(asset("lfw/pairs.txt"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn eval_writes_the_report_json_and_roc() {
+    // Two folds of 10 same and 10 different pairs from the start of fold 1.
+    let lines = lfw_lines();
+    let mut picked: Vec<String> = Vec::new();
+    for half in 0..2 {
+        picked.extend(lines[half * 10..half * 10 + 10].iter().cloned());
+        picked.extend(lines[300 + half * 10..300 + half * 10 + 10].iter().cloned());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = pairs_file(dir.path(), "2 10", &picked);
+    let json = dir.path().join("report.json");
+    let roc = dir.path().join("roc.svg");
+    let out = ok(mfn(&[
+        "eval",
+        "--pairs",
+        pairs.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+        "--roc",
+        roc.to_str().unwrap(),
+    ]));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("insightface") && table.contains("TAR@FAR"),
+        "{table}"
+    );
+    let r = read_json(&json);
+    assert_eq!(r["pairs"], 40);
+    assert_eq!(r["folds"], 2);
+    assert_eq!(r["flip"], true);
+    assert_eq!(r["negatives"], 20);
+    for proto in ["insightface", "exact"] {
+        let folds = r["accuracy"][proto]["folds"].as_array().unwrap();
+        assert_eq!(folds.len(), 2);
+        let mean = r["accuracy"][proto]["mean"].as_f64().unwrap();
+        assert!(mean >= 0.9, "{proto} accuracy {mean} on easy LFW pairs");
+    }
+    assert!(r["auc"].as_f64().unwrap() > 0.95);
+    for far in ["0.1", "0.01", "0.001"] {
+        assert!(r["tar_at_far"][far].is_number(), "tar_at_far[{far}]");
+    }
+    assert!(r["images"].as_u64().unwrap() > 0 && r["faces_per_second"].as_f64().unwrap() > 0.0);
+    let svg = std::fs::read_to_string(&roc).unwrap();
+    assert!(svg.contains("<svg"));
+}
+
+#[test]
+fn eval_lists_every_missing_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = vec![
+        "Nobody_Here\t1\t2".to_string(),
+        "Aaron_Peirsol\t1\tNot_A_Person\t7".to_string(),
+    ];
+    let pairs = pairs_file(dir.path(), "1 1", &lines);
+    let out = mfn(&["eval", "--pairs", pairs.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("3 image(s) missing"), "{err}");
+    for name in [
+        "Nobody_Here_0001.jpg",
+        "Nobody_Here_0002.jpg",
+        "Not_A_Person_0007.jpg",
+    ] {
+        assert!(err.contains(name), "{name} not listed in: {err}");
+    }
+}
+
+#[test]
+fn malformed_and_empty_pairs_files_fail_with_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let pairs = pairs_file(dir.path(), "1 1", &["A\t1\t2".into(), "A\t1\tB".into()]);
+    let out = mfn(&["eval", "--pairs", pairs.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(err.contains("pairs.txt:3:"), "{err}");
+
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let out = mfn(&["eval", "--pairs", empty.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("empty"), "{}", stderr(&out));
+}
+
+#[test]
+fn corrupt_image_and_missing_model_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jpg");
+    std::fs::write(&bad, b"\xFF\xD8\xFF\xE0 not really a jpeg").unwrap();
+    let out = mfn(&["embed", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("bad.jpg"), "{}", stderr(&out));
+
+    let out = mfn(&[
+        "embed",
+        "--model",
+        "/nonexistent/model-symbol.json",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("/nonexistent/model-symbol.json"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn without_assets_eval_says_what_to_pass() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mfn-cli"))
+        .arg("eval")
+        .env_remove("MFN_ASSETS")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("--pairs") && err.contains("MFN_ASSETS"),
+        "{err}"
+    );
+}
