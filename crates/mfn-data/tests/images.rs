@@ -71,7 +71,7 @@ fn corrupt_jpeg_names_the_file() {
 #[test]
 fn wrong_size_and_missing_files_are_named() {
     let good = asset("lfw/aligned-112x112/Aaron_Peirsol/Aaron_Peirsol_0001.jpg");
-    let err = load_batch(&[good.clone()], [96, 112], &Device::Cpu).unwrap_err();
+    let err = load_batch(std::slice::from_ref(&good), [96, 112], &Device::Cpu).unwrap_err();
     assert!(
         matches!(
             err,
@@ -83,7 +83,7 @@ fn wrong_size_and_missing_files_are_named() {
         "{err}"
     );
     let gone = Path::new("/nonexistent/face.jpg").to_path_buf();
-    let err = load_batch(&[gone.clone()], [112, 112], &Device::Cpu).unwrap_err();
+    let err = load_batch(std::slice::from_ref(&gone), [112, 112], &Device::Cpu).unwrap_err();
     assert!(err.to_string().contains("/nonexistent/face.jpg"), "{err}");
     assert_eq!(missing_files(&[good, gone.clone()]), [gone]);
 }
