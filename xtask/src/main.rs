@@ -1,5 +1,7 @@
 //! `cargo xtask`: checks too slow for the test suite.
 //!
+//! `cargo xtask bench` times the CPU inference path (see `bench.rs`).
+//!
 //! `cargo xtask accuracy` runs `mfn-cli eval` on all of LFW (6,000 pairs) with y1, with
 //! and without the flip test, and compares every mean accuracy with the ONNX Runtime
 //! reference in `$MFN_ASSETS/golden/lfw-y1-reference.json` for the JPEG decoder this
@@ -11,6 +13,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+mod bench;
+
 /// How far a mean accuracy may be from the reference, in accuracy points (0.05%).
 const TOLERANCE: f64 = 0.0005;
 
@@ -18,10 +22,13 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("accuracy") => accuracy(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask accuracy [--no-flip | --flip-only] [--out DIR]\n\n\
-                 accuracy  full-LFW accuracy of y1 against the ONNX Runtime reference"
+                "usage: cargo xtask accuracy [--no-flip | --flip-only] [--out DIR]\n       \
+                 cargo xtask bench [--model PATH] [--threads 1,2] [--batches 1,32] [--runs N] [--json OUT]\n\n\
+                 accuracy  full-LFW accuracy of y1 against the ONNX Runtime reference\n\
+                 bench     CPU latency and throughput, with the time per layer kind"
             );
             std::process::exit(2)
         }

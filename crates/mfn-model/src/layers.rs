@@ -12,6 +12,7 @@ use candle_core::{DType, Device, ModuleT, Result, Tensor, D};
 use candle_nn::{BatchNorm, Init, VarBuilder};
 
 use crate::config::{BlockSpec, ConvSpec, EmbeddingSpec};
+use crate::engine;
 use crate::ops::{BiasPrelu, DepthwiseConv2d};
 
 /// `max(x, 0) + a * min(x, 0)` with one slope per channel (dim 1), differentiable.
@@ -61,6 +62,9 @@ fn to_arc_vec(t: &Tensor) -> Result<Arc<Vec<f32>>> {
             .to_vec1()?,
     ))
 }
+
+/// Folded weights, folded bias and PReLU slopes, on the host.
+type FoldedHost = (Vec<f32>, Vec<f32>, Option<Vec<f32>>);
 
 /// How the folded conv runs on the inference path.
 #[derive(Clone, Debug)]
@@ -150,6 +154,103 @@ impl ConvBnAct {
         &self.spec
     }
 
+    /// Folded weights as `[cout][cin/groups][kh][kw]`, folded bias, PReLU slopes.
+    fn folded_host(&self) -> Result<FoldedHost> {
+        let w = match &self.folded {
+            Folded::Dense(w) | Folded::Pointwise(w) | Folded::Depthwise(_, w) => w,
+        };
+        Ok((
+            to_arc_vec(w)?.to_vec(),
+            to_arc_vec(&self.folded_bias)?.to_vec(),
+            self.slope
+                .as_ref()
+                .map(to_arc_vec)
+                .transpose()?
+                .map(|a| a.to_vec()),
+        ))
+    }
+
+    /// The unit as an NHWC dense conv for the CPU engine.
+    pub(crate) fn engine_dense(&self) -> Result<engine::DenseConv> {
+        let s = &self.spec;
+        if s.groups != 1 {
+            candle_core::bail!("{}: a dense conv needs groups = 1", s.name);
+        }
+        let (w, bias, slope) = self.folded_host()?;
+        let [kh, kw] = s.kernel;
+        let (cin, cout) = (s.in_channels, s.out_channels);
+        let mut hwio = vec![0f32; w.len()];
+        for o in 0..cout {
+            for i in 0..cin {
+                for y in 0..kh {
+                    for x in 0..kw {
+                        hwio[((y * kw + x) * cin + i) * cout + o] =
+                            w[((o * cin + i) * kh + y) * kw + x];
+                    }
+                }
+            }
+        }
+        Ok(engine::DenseConv {
+            w: hwio,
+            bias,
+            slope,
+            cin,
+            cout,
+            kernel: s.kernel,
+            stride: s.stride,
+            pad: s.pad,
+        })
+    }
+
+    /// The unit as an NHWC depthwise conv for the CPU engine.
+    pub(crate) fn engine_depthwise(&self) -> Result<engine::DepthwiseConv> {
+        let s = &self.spec;
+        if !s.is_depthwise() {
+            candle_core::bail!("{}: not a depthwise conv", s.name);
+        }
+        let (w, bias, slope) = self.folded_host()?;
+        let [kh, kw] = s.kernel;
+        let c = s.out_channels;
+        let mut hwc = vec![0f32; w.len()];
+        for ch in 0..c {
+            for t in 0..kh * kw {
+                hwc[t * c + ch] = w[ch * kh * kw + t];
+            }
+        }
+        Ok(engine::DepthwiseConv {
+            w: hwc,
+            bias,
+            slope,
+            c,
+            kernel: s.kernel,
+            stride: s.stride,
+            pad: s.pad,
+        })
+    }
+
+    /// The unit as a 1x1 conv for the CPU engine.
+    pub(crate) fn engine_pointwise(&self) -> Result<engine::Pointwise> {
+        let s = &self.spec;
+        if s.kernel != [1, 1] || s.stride != 1 || s.groups != 1 || s.pad != [0, 0] {
+            candle_core::bail!("{}: not a 1x1 conv", s.name);
+        }
+        let (w, bias, slope) = self.folded_host()?;
+        let (cin, cout) = (s.in_channels, s.out_channels);
+        let mut io = vec![0f32; w.len()];
+        for o in 0..cout {
+            for i in 0..cin {
+                io[i * cout + o] = w[o * cin + i];
+            }
+        }
+        Ok(engine::Pointwise {
+            w: io,
+            bias,
+            slope,
+            cin,
+            cout,
+        })
+    }
+
     /// Bias and PReLU after a folded conv, fused on the CPU.
     fn finish(&self, y: Tensor) -> Result<Tensor> {
         if y.device().is_cpu() && y.dtype() == DType::F32 {
@@ -235,6 +336,15 @@ impl Bottleneck {
     pub fn units(&self) -> [&ConvBnAct; 3] {
         [&self.expand, &self.depthwise, &self.project]
     }
+
+    pub(crate) fn engine_block(&self) -> Result<engine::Block> {
+        Ok(engine::Block {
+            expand: self.expand.engine_pointwise()?,
+            depthwise: self.depthwise.engine_depthwise()?,
+            project: self.project.engine_pointwise()?,
+            residual: self.residual,
+        })
+    }
 }
 
 impl Bottleneck {
@@ -319,6 +429,18 @@ impl Embedding {
 }
 
 impl Embedding {
+    /// The layer as a product for the CPU engine.
+    pub(crate) fn engine_linear(&self) -> Result<engine::Pointwise> {
+        let (cin, cout) = self.folded_weight_t.dims2()?;
+        Ok(engine::Pointwise {
+            w: to_arc_vec(&self.folded_weight_t)?.to_vec(),
+            bias: to_arc_vec(&self.folded_bias)?.to_vec(),
+            slope: None,
+            cin,
+            cout,
+        })
+    }
+
     /// The inference path: one matrix product with the BatchNorm folded in.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         x.flatten_from(1)?

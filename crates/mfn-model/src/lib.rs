@@ -3,6 +3,7 @@
 
 mod checkpoint;
 pub mod config;
+mod engine;
 mod error;
 pub mod import;
 pub mod layers;
@@ -11,6 +12,7 @@ pub mod ops;
 
 pub use checkpoint::{Checkpoint, CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION};
 pub use config::{Bottleneck, Complexity, Config, ConvSpec, Head, InputNorm, Plan};
+pub use engine::{LayerKind, LayerTimes};
 pub use error::{Error, Result};
 pub use layers::l2_normalize;
 pub use model::{hflip, MobileFaceNet};

@@ -4,6 +4,9 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::{Config, Plan};
+use std::sync::{Arc, Mutex};
+
+use crate::engine::{CpuEngine, LayerTimes};
 use crate::layers::{l2_normalize, Bottleneck, ConvBnAct, Embedding};
 use crate::{Error, Result};
 
@@ -23,6 +26,7 @@ pub struct MobileFaceNet {
     last: ConvBnAct,
     gdconv: ConvBnAct,
     embedding: Embedding,
+    engine: Arc<CpuEngine>,
 }
 
 impl MobileFaceNet {
@@ -32,20 +36,42 @@ impl MobileFaceNet {
         let plan: Plan = config.plan();
         let device = vb.device().clone();
         let norm = |v: [f32; 3]| Tensor::from_slice(&v, (1, 3, 1, 1), &device);
+        let stem = ConvBnAct::new(&plan.stem, &vb)?;
+        let stem_dw = ConvBnAct::new(&plan.stem_dw, &vb)?;
+        let blocks: Vec<Bottleneck> = plan
+            .blocks
+            .iter()
+            .map(|b| Bottleneck::new(b, &vb))
+            .collect::<candle_core::Result<_>>()?;
+        let last = ConvBnAct::new(&plan.last, &vb)?;
+        let gdconv = ConvBnAct::new(&plan.gdconv, &vb)?;
+        let embedding = Embedding::new(&plan.embedding, &vb)?;
+        let engine = CpuEngine {
+            input_hw: config.input_size,
+            mean: config.input_norm.mean,
+            scale: config.input_norm.scale,
+            stem: stem.engine_dense()?,
+            stem_dw: stem_dw.engine_depthwise()?,
+            blocks: blocks
+                .iter()
+                .map(Bottleneck::engine_block)
+                .collect::<candle_core::Result<_>>()?,
+            last: last.engine_pointwise()?,
+            gdconv: gdconv.engine_depthwise()?,
+            head: embedding.engine_linear()?,
+            workspaces: Mutex::new(Vec::new()),
+        };
         Ok(Self {
             config: config.clone(),
             norm_mean: norm(config.input_norm.mean)?,
             norm_scale: norm(config.input_norm.scale)?,
-            stem: ConvBnAct::new(&plan.stem, &vb)?,
-            stem_dw: ConvBnAct::new(&plan.stem_dw, &vb)?,
-            blocks: plan
-                .blocks
-                .iter()
-                .map(|b| Bottleneck::new(b, &vb))
-                .collect::<candle_core::Result<_>>()?,
-            last: ConvBnAct::new(&plan.last, &vb)?,
-            gdconv: ConvBnAct::new(&plan.gdconv, &vb)?,
-            embedding: Embedding::new(&plan.embedding, &vb)?,
+            stem,
+            stem_dw,
+            blocks,
+            last,
+            gdconv,
+            embedding,
+            engine: Arc::new(engine),
         })
     }
 
@@ -78,8 +104,40 @@ impl MobileFaceNet {
             .broadcast_mul(&self.norm_scale)
     }
 
-    /// Raw embeddings on the inference path (folded BatchNorm, fused kernels).
+    /// Raw embeddings on the inference path: BatchNorm folded into the weights, fused
+    /// kernels; on the CPU, the NHWC engine with reused buffers.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
+        if x.device().is_cpu() {
+            return self.forward_engine(x, None);
+        }
+        self.forward_layers(x)
+    }
+
+    /// [`Self::forward`] on the CPU that also reports the wall time spent in each kind of
+    /// layer.
+    pub fn forward_timed(&self, x: &Tensor) -> Result<(Tensor, LayerTimes)> {
+        self.check_input(x)?;
+        let mut times = LayerTimes::new();
+        let x = x.to_device(&Device::Cpu)?;
+        let y = self.forward_engine(&x, Some(&mut times))?;
+        Ok((y, times))
+    }
+
+    fn forward_engine(&self, x: &Tensor, times: Option<&mut LayerTimes>) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let data = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let out = self.engine.forward(&data, n, times);
+        Ok(Tensor::from_vec(
+            out,
+            (n, self.config.embedding_size),
+            x.device(),
+        )?)
+    }
+
+    /// The folded path layer by layer through candle ops, for devices other than the CPU
+    /// and as a second reference.
+    pub fn forward_layers(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x)?;
         let mut y = self
             .stem_dw

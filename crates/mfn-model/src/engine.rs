@@ -1,0 +1,569 @@
+//! The CPU inference engine behind [`crate::MobileFaceNet::forward`].
+//!
+//! Activations are NHWC, so that a 1x1 conv over a whole batch is one matrix product
+//! `(N*H*W, Cin) x (Cin, Cout)` with no im2col copy, and depthwise and stem convs vectorise
+//! across channels. BatchNorm is folded into the weights when the engine is built. Bias,
+//! PReLU and the residual add are applied to each tile of rows right after its product,
+//! while the tile is still in cache. Buffers are kept between calls.
+//!
+//! All work runs on rayon's global pool: the matrix products are split into row tiles that
+//! each run single-threaded, so [`crate::set_num_threads`] bounds everything and nothing
+//! nests.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+/// Which part of the network a layer belongs to, for per-layer timing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerKind {
+    /// Input normalisation and the dense 3x3 stride-2 conv.
+    Stem,
+    /// The 3x3 depthwise convs.
+    Depthwise,
+    /// The 1x1 convs (with the residual adds).
+    Pointwise,
+    /// The global depthwise conv.
+    GdConv,
+    /// The embedding layer.
+    Head,
+}
+
+impl LayerKind {
+    /// Every kind, in network order.
+    pub const ALL: [LayerKind; 5] = [
+        LayerKind::Stem,
+        LayerKind::Depthwise,
+        LayerKind::Pointwise,
+        LayerKind::GdConv,
+        LayerKind::Head,
+    ];
+
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerKind::Stem => "stem",
+            LayerKind::Depthwise => "depthwise",
+            LayerKind::Pointwise => "pointwise",
+            LayerKind::GdConv => "gdconv",
+            LayerKind::Head => "head",
+        }
+    }
+}
+
+/// A dense conv (groups = 1) with folded BatchNorm, computed directly in NHWC.
+#[derive(Clone, Debug)]
+pub(crate) struct DenseConv {
+    /// `[kh][kw][cin][cout]`.
+    pub w: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub slope: Option<Vec<f32>>,
+    pub cin: usize,
+    pub cout: usize,
+    pub kernel: [usize; 2],
+    pub stride: usize,
+    pub pad: [usize; 2],
+}
+
+/// A depthwise conv with folded BatchNorm.
+#[derive(Clone, Debug)]
+pub(crate) struct DepthwiseConv {
+    /// `[kh][kw][c]`: each tap is a vector over channels.
+    pub w: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub slope: Option<Vec<f32>>,
+    pub c: usize,
+    pub kernel: [usize; 2],
+    pub stride: usize,
+    pub pad: [usize; 2],
+}
+
+/// A 1x1 conv or linear layer with folded BatchNorm: `x (M, cin) @ w (cin, cout)`.
+#[derive(Clone, Debug)]
+pub(crate) struct Pointwise {
+    /// `[cin][cout]`.
+    pub w: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub slope: Option<Vec<f32>>,
+    pub cin: usize,
+    pub cout: usize,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Block {
+    pub expand: Pointwise,
+    pub depthwise: DepthwiseConv,
+    pub project: Pointwise,
+    pub residual: bool,
+}
+
+/// The whole network as CPU kernels.
+#[derive(Debug)]
+pub(crate) struct CpuEngine {
+    pub input_hw: [usize; 2],
+    pub mean: [f32; 3],
+    pub scale: [f32; 3],
+    pub stem: DenseConv,
+    pub stem_dw: DepthwiseConv,
+    pub blocks: Vec<Block>,
+    pub last: Pointwise,
+    pub gdconv: DepthwiseConv,
+    pub head: Pointwise,
+    pub workspaces: Mutex<Vec<Workspace>>,
+}
+
+/// Activation buffers reused across calls.
+#[derive(Debug, Default)]
+pub(crate) struct Workspace {
+    x: Vec<f32>,
+    y: Vec<f32>,
+    e: Vec<f32>,
+    d: Vec<f32>,
+}
+
+/// Wall time per [`LayerKind`] of one forward pass.
+pub type LayerTimes = BTreeMap<LayerKind, Duration>;
+
+/// Height, width and channels of an NHWC activation (the batch is fixed per call).
+#[derive(Clone, Copy, Debug)]
+struct Hwc {
+    h: usize,
+    w: usize,
+    c: usize,
+}
+
+fn out_dim(size: usize, k: usize, s: usize, p: usize) -> usize {
+    crate::config::conv_out(size, k, s, p)
+}
+
+/// Grows `buf` to `len` without shrinking its capacity; contents are overwritten by the
+/// caller, so only new elements are initialised.
+fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
+/// Rows per task for a product over `m` rows: enough tasks to balance the threads, small
+/// enough that a tile of input and output stays in L2.
+fn tile_rows(m: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    m.div_ceil(threads * 2).clamp(8, 256)
+}
+
+mod simd {
+    //! Channel-vector loops, compiled once plainly and once with AVX2 + FMA, chosen at run
+    //! time, so that one binary runs everywhere and uses FMA where the CPU has it.
+
+    /// `acc[i] += x[i] * w[i]`, fused where the target allows it.
+    #[inline(always)]
+    fn madd<const FMA: bool>(acc: &mut [f32], x: &[f32], w: &[f32]) {
+        for ((a, x), w) in acc.iter_mut().zip(x).zip(w) {
+            *a = if FMA { x.mul_add(*w, *a) } else { *a + x * w };
+        }
+    }
+
+    /// `acc[i] += s * w[i]`.
+    #[inline(always)]
+    fn saxpy<const FMA: bool>(acc: &mut [f32], s: f32, w: &[f32]) {
+        for (a, w) in acc.iter_mut().zip(w) {
+            *a = if FMA { s.mul_add(*w, *a) } else { *a + s * w };
+        }
+    }
+
+    /// Bias then optional PReLU on one row of channels.
+    #[inline(always)]
+    pub fn bias_prelu_row(row: &mut [f32], bias: &[f32], slope: Option<&[f32]>) {
+        match slope {
+            Some(a) => {
+                for ((v, b), a) in row.iter_mut().zip(bias).zip(a) {
+                    let y = *v + b;
+                    *v = if y < 0.0 { y * a } else { y };
+                }
+            }
+            None => row.iter_mut().zip(bias).for_each(|(v, b)| *v += b),
+        }
+    }
+
+    /// PReLU on one row of channels.
+    #[inline(always)]
+    pub fn prelu_row(row: &mut [f32], slope: &[f32]) {
+        for (v, a) in row.iter_mut().zip(slope) {
+            if *v < 0.0 {
+                *v *= a;
+            }
+        }
+    }
+
+    /// Channels are processed in blocks of this many, which the compiler keeps in
+    /// registers across all taps of a kernel.
+    const BLOCK: usize = 64;
+
+    /// One output pixel of a depthwise conv: `out = bias + sum_taps x[tap] * w[tap]`.
+    /// `taps` yields `(input channel vector, weight channel vector)`.
+    #[inline(always)]
+    fn depthwise_pixel<'a, const FMA: bool>(
+        out: &mut [f32],
+        bias: &[f32],
+        taps: &[(&'a [f32], &'a [f32])],
+    ) {
+        let c = out.len();
+        let mut c0 = 0;
+        while c0 < c {
+            let n = BLOCK.min(c - c0);
+            let mut acc = [0f32; BLOCK];
+            let acc = &mut acc[..n];
+            acc.copy_from_slice(&bias[c0..c0 + n]);
+            for (x, w) in taps {
+                madd::<FMA>(acc, &x[c0..c0 + n], &w[c0..c0 + n]);
+            }
+            out[c0..c0 + n].copy_from_slice(acc);
+            c0 += n;
+        }
+    }
+
+    /// One output row of a depthwise conv in NHWC.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn depthwise_row_impl<const FMA: bool>(
+        out: &mut [f32],
+        input: &[f32],
+        (h, w, c): (usize, usize, usize),
+        oy: usize,
+        weights: &[f32],
+        bias: &[f32],
+        slope: Option<&[f32]>,
+        (kh, kw, stride, ph, pw): (usize, usize, usize, usize, usize),
+    ) {
+        let wo = out.len() / c;
+        let mut taps: Vec<(&[f32], &[f32])> = Vec::with_capacity(kh * kw);
+        for ox in 0..wo {
+            taps.clear();
+            for ky in 0..kh {
+                let iy = (oy * stride + ky) as isize - ph as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                for kx in 0..kw {
+                    let ix = (ox * stride + kx) as isize - pw as isize;
+                    if ix < 0 || ix >= w as isize {
+                        continue;
+                    }
+                    let at = (iy as usize * w + ix as usize) * c;
+                    let tap = (ky * kw + kx) * c;
+                    taps.push((&input[at..at + c], &weights[tap..tap + c]));
+                }
+            }
+            let o = &mut out[ox * c..(ox + 1) * c];
+            depthwise_pixel::<FMA>(o, bias, &taps);
+            if let Some(a) = slope {
+                prelu_row(o, a);
+            }
+        }
+    }
+
+    /// One output row of a dense conv in NHWC, accumulating each input value times its
+    /// output-channel weight vector.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn dense_row_impl<const FMA: bool>(
+        out: &mut [f32],
+        input: &[f32],
+        (h, w, cin): (usize, usize, usize),
+        oy: usize,
+        weights: &[f32],
+        bias: &[f32],
+        slope: Option<&[f32]>,
+        (kh, kw, stride, ph, pw): (usize, usize, usize, usize, usize),
+    ) {
+        let cout = bias.len();
+        let wo = out.len() / cout;
+        for ox in 0..wo {
+            let o = &mut out[ox * cout..(ox + 1) * cout];
+            let mut c0 = 0;
+            while c0 < cout {
+                let n = BLOCK.min(cout - c0);
+                let mut acc = [0f32; BLOCK];
+                let acc = &mut acc[..n];
+                acc.copy_from_slice(&bias[c0..c0 + n]);
+                for ky in 0..kh {
+                    let iy = (oy * stride + ky) as isize - ph as isize;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    for kx in 0..kw {
+                        let ix = (ox * stride + kx) as isize - pw as isize;
+                        if ix < 0 || ix >= w as isize {
+                            continue;
+                        }
+                        let at = (iy as usize * w + ix as usize) * cin;
+                        for ci in 0..cin {
+                            let wt = ((ky * kw + kx) * cin + ci) * cout + c0;
+                            saxpy::<FMA>(acc, input[at + ci], &weights[wt..wt + n]);
+                        }
+                    }
+                }
+                o[c0..c0 + n].copy_from_slice(acc);
+                c0 += n;
+            }
+            if let Some(a) = slope {
+                prelu_row(o, a);
+            }
+        }
+    }
+
+    macro_rules! dispatch {
+        ($name:ident, $impl:ident) => {
+            #[allow(clippy::too_many_arguments)]
+            pub fn $name(
+                out: &mut [f32],
+                input: &[f32],
+                shape: (usize, usize, usize),
+                oy: usize,
+                weights: &[f32],
+                bias: &[f32],
+                slope: Option<&[f32]>,
+                geometry: (usize, usize, usize, usize, usize),
+            ) {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx2,fma")]
+                    #[allow(clippy::too_many_arguments)]
+                    unsafe fn fast(
+                        out: &mut [f32],
+                        input: &[f32],
+                        shape: (usize, usize, usize),
+                        oy: usize,
+                        weights: &[f32],
+                        bias: &[f32],
+                        slope: Option<&[f32]>,
+                        geometry: (usize, usize, usize, usize, usize),
+                    ) {
+                        $impl::<true>(out, input, shape, oy, weights, bias, slope, geometry)
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
+                        // SAFETY: the CPU supports the features `fast` is compiled for.
+                        return unsafe {
+                            fast(out, input, shape, oy, weights, bias, slope, geometry)
+                        };
+                    }
+                }
+                $impl::<false>(out, input, shape, oy, weights, bias, slope, geometry)
+            }
+        };
+    }
+
+    dispatch!(depthwise_row, depthwise_row_impl);
+    dispatch!(dense_row, dense_row_impl);
+}
+
+impl DenseConv {
+    fn run(&self, x: &[f32], n: usize, s: Hwc, out: &mut Vec<f32>) -> Hwc {
+        debug_assert_eq!(s.c, self.cin);
+        let [kh, kw] = self.kernel;
+        let ho = out_dim(s.h, kh, self.stride, self.pad[0]);
+        let wo = out_dim(s.w, kw, self.stride, self.pad[1]);
+        let row = wo * self.cout;
+        let out = sized(out, n * ho * row);
+        let geometry = (kh, kw, self.stride, self.pad[0], self.pad[1]);
+        out.par_chunks_mut(row).enumerate().for_each(|(r, o)| {
+            let (img, oy) = (r / ho, r % ho);
+            let plane = s.h * s.w * s.c;
+            simd::dense_row(
+                o,
+                &x[img * plane..(img + 1) * plane],
+                (s.h, s.w, s.c),
+                oy,
+                &self.w,
+                &self.bias,
+                self.slope.as_deref(),
+                geometry,
+            );
+        });
+        Hwc {
+            h: ho,
+            w: wo,
+            c: self.cout,
+        }
+    }
+}
+
+impl DepthwiseConv {
+    fn run(&self, x: &[f32], n: usize, s: Hwc, out: &mut Vec<f32>) -> Hwc {
+        let [kh, kw] = self.kernel;
+        let ho = out_dim(s.h, kh, self.stride, self.pad[0]);
+        let wo = out_dim(s.w, kw, self.stride, self.pad[1]);
+        let row = wo * self.c;
+        let out = sized(out, n * ho * row);
+        let geometry = (kh, kw, self.stride, self.pad[0], self.pad[1]);
+        let plane = s.h * s.w * s.c;
+        out.par_chunks_mut(row).enumerate().for_each(|(r, o)| {
+            let (img, oy) = (r / ho, r % ho);
+            simd::depthwise_row(
+                o,
+                &x[img * plane..(img + 1) * plane],
+                (s.h, s.w, s.c),
+                oy,
+                &self.w,
+                &self.bias,
+                self.slope.as_deref(),
+                geometry,
+            );
+        });
+        Hwc {
+            h: ho,
+            w: wo,
+            c: self.c,
+        }
+    }
+}
+
+impl Pointwise {
+    /// `out = epilogue(x @ w)` over `m` rows, or `out = residual + bias + x @ w`.
+    fn run(&self, x: &[f32], m: usize, residual: Option<&[f32]>, out: &mut Vec<f32>) {
+        let (cin, cout) = (self.cin, self.cout);
+        let out = sized(out, m * cout);
+        let tile = tile_rows(m);
+        out.par_chunks_mut(tile * cout)
+            .enumerate()
+            .for_each(|(t, o)| {
+                let rows = o.len() / cout;
+                let r0 = t * tile;
+                let xin = &x[r0 * cin..(r0 + rows) * cin];
+                if let Some(res) = residual {
+                    o.copy_from_slice(&res[r0 * cout..(r0 + rows) * cout]);
+                    for row in o.chunks_exact_mut(cout) {
+                        simd::bias_prelu_row(row, &self.bias, None);
+                    }
+                }
+                // SAFETY: `o` is `rows x cout`, `xin` is `rows x cin` and `w` is
+                // `cin x cout`, all row-major and in bounds.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        cout,
+                        cin,
+                        o.as_mut_ptr(),
+                        1,
+                        cout as isize,
+                        residual.is_some(),
+                        xin.as_ptr(),
+                        1,
+                        cin as isize,
+                        self.w.as_ptr(),
+                        1,
+                        cout as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                if residual.is_none() {
+                    for row in o.chunks_exact_mut(cout) {
+                        simd::bias_prelu_row(row, &self.bias, self.slope.as_deref());
+                    }
+                }
+            });
+    }
+}
+
+impl CpuEngine {
+    fn workspace(&self) -> Workspace {
+        self.workspaces
+            .lock()
+            .ok()
+            .and_then(|mut w| w.pop())
+            .unwrap_or_default()
+    }
+
+    fn give_back(&self, ws: Workspace) {
+        if let Ok(mut w) = self.workspaces.lock() {
+            w.push(ws);
+        }
+    }
+
+    /// Raw embeddings of `n` images given as NCHW RGB `0..=255`; `times`, when given,
+    /// receives the wall time of each layer kind.
+    pub fn forward(&self, input: &[f32], n: usize, mut times: Option<&mut LayerTimes>) -> Vec<f32> {
+        let [h, w] = self.input_hw;
+        let mut ws = self.workspace();
+        let mut clock = Instant::now();
+        let mut lap = |kind: LayerKind, times: &mut Option<&mut LayerTimes>| {
+            if let Some(t) = times.as_deref_mut() {
+                let now = Instant::now();
+                *t.entry(kind).or_default() += now - clock;
+                clock = now;
+            }
+        };
+
+        // NCHW pixels to normalised NHWC.
+        let plane = h * w;
+        let (mean, scale) = (self.mean, self.scale);
+        sized(&mut ws.y, n * plane * 3)
+            .par_chunks_mut(w * 3)
+            .enumerate()
+            .for_each(|(r, o)| {
+                let (img, y) = (r / h, r % h);
+                let base = img * 3 * plane + y * w;
+                for (x, px) in o.chunks_exact_mut(3).enumerate() {
+                    for c in 0..3 {
+                        px[c] = (input[base + c * plane + x] - mean[c]) * scale[c];
+                    }
+                }
+            });
+        let s = Hwc { h, w, c: 3 };
+        let s = self.stem.run(&ws.y, n, s, &mut ws.x);
+        lap(LayerKind::Stem, &mut times);
+        let mut s = self.stem_dw.run(&ws.x, n, s, &mut ws.y);
+        std::mem::swap(&mut ws.x, &mut ws.y);
+        lap(LayerKind::Depthwise, &mut times);
+
+        for b in &self.blocks {
+            let m = n * s.h * s.w;
+            b.expand.run(&ws.x, m, None, &mut ws.e);
+            lap(LayerKind::Pointwise, &mut times);
+            let e = Hwc {
+                c: b.expand.cout,
+                ..s
+            };
+            let d = b.depthwise.run(&ws.e, n, e, &mut ws.d);
+            lap(LayerKind::Depthwise, &mut times);
+            let m = n * d.h * d.w;
+            let residual = b.residual.then_some(&ws.x[..m * b.project.cout]);
+            b.project.run(&ws.d, m, residual, &mut ws.y);
+            std::mem::swap(&mut ws.x, &mut ws.y);
+            lap(LayerKind::Pointwise, &mut times);
+            s = Hwc {
+                c: b.project.cout,
+                ..d
+            };
+        }
+
+        let m = n * s.h * s.w;
+        self.last.run(&ws.x, m, None, &mut ws.e);
+        lap(LayerKind::Pointwise, &mut times);
+        let s = Hwc {
+            c: self.last.cout,
+            ..s
+        };
+        let g = self.gdconv.run(&ws.e, n, s, &mut ws.d);
+        lap(LayerKind::GdConv, &mut times);
+        let mut out = Vec::new();
+        self.head.run(&ws.d, n, None, &mut out);
+        out.truncate(n * self.head.cout);
+        lap(LayerKind::Head, &mut times);
+        debug_assert_eq!(g.h * g.w * g.c, self.head.cin);
+        self.give_back(ws);
+        out
+    }
+}
