@@ -149,16 +149,40 @@ fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buf[..len]
 }
 
+/// Runs `f(index, chunk)` over `chunk`-sized pieces of `out`, on the pool when `parallel`.
+fn each_chunk<F>(parallel: bool, out: &mut [f32], chunk: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Send + Sync,
+{
+    if parallel {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, o)| f(i, o));
+    } else {
+        out.chunks_mut(chunk).enumerate().for_each(|(i, o)| f(i, o));
+    }
+}
+
 /// Rows per task for a product over `m` rows: enough tasks to balance the threads, small
 /// enough that a tile of input and output stays in L2.
-fn tile_rows(m: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
+fn tile_rows(m: usize, parallel: bool) -> usize {
+    let threads = if parallel {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
     m.div_ceil(threads * 2).clamp(8, 256)
 }
 
 mod simd {
     //! Channel-vector loops, compiled once plainly and once with AVX2 + FMA, chosen at run
     //! time, so that one binary runs everywhere and uses FMA where the CPU has it.
+    //!
+    //! Channels are processed in blocks of [`BLOCK`]; a full block is a fixed-size array,
+    //! which the compiler keeps in vector registers across all taps of a kernel.
+
+    /// Channels per register block: 8 AVX2 registers.
+    const BLOCK: usize = 64;
 
     /// `acc[i] += x[i] * w[i]`, fused where the target allows it.
     #[inline(always)]
@@ -168,63 +192,99 @@ mod simd {
         }
     }
 
-    /// `acc[i] += s * w[i]`.
+    /// [`madd`] on a full block, with the length known at compile time.
     #[inline(always)]
-    fn saxpy<const FMA: bool>(acc: &mut [f32], s: f32, w: &[f32]) {
-        for (a, w) in acc.iter_mut().zip(w) {
-            *a = if FMA { s.mul_add(*w, *a) } else { *a + s * w };
+    fn madd_block<const FMA: bool>(acc: &mut [f32; BLOCK], x: &[f32], w: &[f32]) {
+        let (Ok(x), Ok(w)) = (<&[f32; BLOCK]>::try_from(x), <&[f32; BLOCK]>::try_from(w)) else {
+            return madd::<FMA>(acc, x, w);
+        };
+        for i in 0..BLOCK {
+            acc[i] = if FMA {
+                x[i].mul_add(w[i], acc[i])
+            } else {
+                acc[i] + x[i] * w[i]
+            };
         }
     }
 
-    /// Bias then optional PReLU on one row of channels.
+    /// `acc[i] += s * w[i]` on a full block.
     #[inline(always)]
-    pub fn bias_prelu_row(row: &mut [f32], bias: &[f32], slope: Option<&[f32]>) {
+    fn saxpy_block<const FMA: bool>(acc: &mut [f32; BLOCK], s: f32, w: &[f32]) {
+        let Ok(w) = <&[f32; BLOCK]>::try_from(w) else {
+            for (a, w) in acc.iter_mut().zip(w) {
+                *a = if FMA { s.mul_add(*w, *a) } else { *a + s * w };
+            }
+            return;
+        };
+        for i in 0..BLOCK {
+            acc[i] = if FMA {
+                s.mul_add(w[i], acc[i])
+            } else {
+                acc[i] + s * w[i]
+            };
+        }
+    }
+
+    /// Branch-free PReLU, so that it vectorises.
+    #[inline(always)]
+    fn prelu(y: f32, a: f32) -> f32 {
+        y.max(0.0) + a * y.min(0.0)
+    }
+
+    /// Bias then optional PReLU on rows of `bias.len()` channels.
+    #[inline(always)]
+    fn bias_prelu_impl<const FMA: bool>(rows: &mut [f32], bias: &[f32], slope: Option<&[f32]>) {
+        for row in rows.chunks_exact_mut(bias.len()) {
+            match slope {
+                Some(a) => {
+                    for ((v, b), a) in row.iter_mut().zip(bias).zip(a) {
+                        *v = prelu(*v + b, *a);
+                    }
+                }
+                None => row.iter_mut().zip(bias).for_each(|(v, b)| *v += b),
+            }
+        }
+    }
+
+    /// Residual plus bias: `dst = src + bias`, row by row.
+    #[inline(always)]
+    fn add_bias_impl<const FMA: bool>(dst: &mut [f32], src: &[f32], bias: &[f32]) {
+        for (d, s) in dst
+            .chunks_exact_mut(bias.len())
+            .zip(src.chunks_exact(bias.len()))
+        {
+            for ((d, s), b) in d.iter_mut().zip(s).zip(bias) {
+                *d = s + b;
+            }
+        }
+    }
+
+    /// Stores a block, with PReLU when given.
+    #[inline(always)]
+    fn store(out: &mut [f32], acc: &[f32], slope: Option<&[f32]>) {
         match slope {
             Some(a) => {
-                for ((v, b), a) in row.iter_mut().zip(bias).zip(a) {
-                    let y = *v + b;
-                    *v = if y < 0.0 { y * a } else { y };
+                for ((o, v), a) in out.iter_mut().zip(acc).zip(a) {
+                    *o = prelu(*v, *a);
                 }
             }
-            None => row.iter_mut().zip(bias).for_each(|(v, b)| *v += b),
+            None => out.copy_from_slice(acc),
         }
     }
 
-    /// PReLU on one row of channels.
+    /// The range of kernel taps `k` for which `o * stride + k - pad` lies in `0..size`.
     #[inline(always)]
-    pub fn prelu_row(row: &mut [f32], slope: &[f32]) {
-        for (v, a) in row.iter_mut().zip(slope) {
-            if *v < 0.0 {
-                *v *= a;
-            }
-        }
-    }
-
-    /// Channels are processed in blocks of this many, which the compiler keeps in
-    /// registers across all taps of a kernel.
-    const BLOCK: usize = 64;
-
-    /// One output pixel of a depthwise conv: `out = bias + sum_taps x[tap] * w[tap]`.
-    /// `taps` yields `(input channel vector, weight channel vector)`.
-    #[inline(always)]
-    fn depthwise_pixel<'a, const FMA: bool>(
-        out: &mut [f32],
-        bias: &[f32],
-        taps: &[(&'a [f32], &'a [f32])],
-    ) {
-        let c = out.len();
-        let mut c0 = 0;
-        while c0 < c {
-            let n = BLOCK.min(c - c0);
-            let mut acc = [0f32; BLOCK];
-            let acc = &mut acc[..n];
-            acc.copy_from_slice(&bias[c0..c0 + n]);
-            for (x, w) in taps {
-                madd::<FMA>(acc, &x[c0..c0 + n], &w[c0..c0 + n]);
-            }
-            out[c0..c0 + n].copy_from_slice(acc);
-            c0 += n;
-        }
+    fn valid_taps(
+        o: usize,
+        stride: usize,
+        pad: usize,
+        k: usize,
+        size: usize,
+    ) -> (usize, usize, isize) {
+        let start = (o * stride) as isize - pad as isize;
+        let lo = (-start).max(0) as usize;
+        let hi = (size as isize - start).clamp(0, k as isize) as usize;
+        (lo.min(hi), hi, start)
     }
 
     /// One output row of a depthwise conv in NHWC.
@@ -241,28 +301,25 @@ mod simd {
         (kh, kw, stride, ph, pw): (usize, usize, usize, usize, usize),
     ) {
         let wo = out.len() / c;
-        let mut taps: Vec<(&[f32], &[f32])> = Vec::with_capacity(kh * kw);
+        let (ky_lo, ky_hi, iy0) = valid_taps(oy, stride, ph, kh, h);
         for ox in 0..wo {
-            taps.clear();
-            for ky in 0..kh {
-                let iy = (oy * stride + ky) as isize - ph as isize;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                for kx in 0..kw {
-                    let ix = (ox * stride + kx) as isize - pw as isize;
-                    if ix < 0 || ix >= w as isize {
-                        continue;
-                    }
-                    let at = (iy as usize * w + ix as usize) * c;
-                    let tap = (ky * kw + kx) * c;
-                    taps.push((&input[at..at + c], &weights[tap..tap + c]));
-                }
-            }
+            let (kx_lo, kx_hi, ix0) = valid_taps(ox, stride, pw, kw, w);
             let o = &mut out[ox * c..(ox + 1) * c];
-            depthwise_pixel::<FMA>(o, bias, &taps);
-            if let Some(a) = slope {
-                prelu_row(o, a);
+            let mut c0 = 0;
+            while c0 < c {
+                let n = BLOCK.min(c - c0);
+                let mut acc = [0f32; BLOCK];
+                acc[..n].copy_from_slice(&bias[c0..c0 + n]);
+                for ky in ky_lo..ky_hi {
+                    let iy = (iy0 + ky as isize) as usize;
+                    for kx in kx_lo..kx_hi {
+                        let at = (iy * w + (ix0 + kx as isize) as usize) * c + c0;
+                        let tap = (ky * kw + kx) * c + c0;
+                        madd_block::<FMA>(&mut acc, &input[at..at + n], &weights[tap..tap + n]);
+                    }
+                }
+                store(&mut o[c0..c0 + n], &acc[..n], slope.map(|a| &a[c0..c0 + n]));
+                c0 += n;
             }
         }
     }
@@ -283,89 +340,72 @@ mod simd {
     ) {
         let cout = bias.len();
         let wo = out.len() / cout;
+        let (ky_lo, ky_hi, iy0) = valid_taps(oy, stride, ph, kh, h);
         for ox in 0..wo {
+            let (kx_lo, kx_hi, ix0) = valid_taps(ox, stride, pw, kw, w);
             let o = &mut out[ox * cout..(ox + 1) * cout];
             let mut c0 = 0;
             while c0 < cout {
                 let n = BLOCK.min(cout - c0);
                 let mut acc = [0f32; BLOCK];
-                let acc = &mut acc[..n];
-                acc.copy_from_slice(&bias[c0..c0 + n]);
-                for ky in 0..kh {
-                    let iy = (oy * stride + ky) as isize - ph as isize;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    for kx in 0..kw {
-                        let ix = (ox * stride + kx) as isize - pw as isize;
-                        if ix < 0 || ix >= w as isize {
-                            continue;
-                        }
-                        let at = (iy as usize * w + ix as usize) * cin;
+                acc[..n].copy_from_slice(&bias[c0..c0 + n]);
+                for ky in ky_lo..ky_hi {
+                    let iy = (iy0 + ky as isize) as usize;
+                    for kx in kx_lo..kx_hi {
+                        let at = (iy * w + (ix0 + kx as isize) as usize) * cin;
                         for ci in 0..cin {
                             let wt = ((ky * kw + kx) * cin + ci) * cout + c0;
-                            saxpy::<FMA>(acc, input[at + ci], &weights[wt..wt + n]);
+                            saxpy_block::<FMA>(&mut acc, input[at + ci], &weights[wt..wt + n]);
                         }
                     }
                 }
-                o[c0..c0 + n].copy_from_slice(acc);
+                store(&mut o[c0..c0 + n], &acc[..n], slope.map(|a| &a[c0..c0 + n]));
                 c0 += n;
-            }
-            if let Some(a) = slope {
-                prelu_row(o, a);
             }
         }
     }
 
+    /// Defines `$name`, which runs `$impl::<true>` compiled with AVX2 + FMA where the CPU
+    /// has them and `$impl::<false>` elsewhere.
     macro_rules! dispatch {
-        ($name:ident, $impl:ident) => {
+        ($name:ident, $impl:ident, ($($arg:ident: $ty:ty),*)) => {
             #[allow(clippy::too_many_arguments)]
-            pub fn $name(
-                out: &mut [f32],
-                input: &[f32],
-                shape: (usize, usize, usize),
-                oy: usize,
-                weights: &[f32],
-                bias: &[f32],
-                slope: Option<&[f32]>,
-                geometry: (usize, usize, usize, usize, usize),
-            ) {
+            pub fn $name($($arg: $ty),*) {
                 #[cfg(target_arch = "x86_64")]
                 {
                     #[target_feature(enable = "avx2,fma")]
                     #[allow(clippy::too_many_arguments)]
-                    unsafe fn fast(
-                        out: &mut [f32],
-                        input: &[f32],
-                        shape: (usize, usize, usize),
-                        oy: usize,
-                        weights: &[f32],
-                        bias: &[f32],
-                        slope: Option<&[f32]>,
-                        geometry: (usize, usize, usize, usize, usize),
-                    ) {
-                        $impl::<true>(out, input, shape, oy, weights, bias, slope, geometry)
+                    unsafe fn fast($($arg: $ty),*) {
+                        $impl::<true>($($arg),*)
                     }
                     if std::arch::is_x86_feature_detected!("avx2")
                         && std::arch::is_x86_feature_detected!("fma")
                     {
                         // SAFETY: the CPU supports the features `fast` is compiled for.
-                        return unsafe {
-                            fast(out, input, shape, oy, weights, bias, slope, geometry)
-                        };
+                        return unsafe { fast($($arg),*) };
                     }
                 }
-                $impl::<false>(out, input, shape, oy, weights, bias, slope, geometry)
+                $impl::<false>($($arg),*)
             }
         };
     }
 
-    dispatch!(depthwise_row, depthwise_row_impl);
-    dispatch!(dense_row, dense_row_impl);
+    dispatch!(depthwise_row, depthwise_row_impl, (
+        out: &mut [f32], input: &[f32], shape: (usize, usize, usize), oy: usize,
+        weights: &[f32], bias: &[f32], slope: Option<&[f32]>,
+        geometry: (usize, usize, usize, usize, usize)
+    ));
+    dispatch!(dense_row, dense_row_impl, (
+        out: &mut [f32], input: &[f32], shape: (usize, usize, usize), oy: usize,
+        weights: &[f32], bias: &[f32], slope: Option<&[f32]>,
+        geometry: (usize, usize, usize, usize, usize)
+    ));
+    dispatch!(bias_prelu, bias_prelu_impl, (rows: &mut [f32], bias: &[f32], slope: Option<&[f32]>));
+    dispatch!(add_bias, add_bias_impl, (dst: &mut [f32], src: &[f32], bias: &[f32]));
 }
 
 impl DenseConv {
-    fn run(&self, x: &[f32], n: usize, s: Hwc, out: &mut Vec<f32>) -> Hwc {
+    fn run(&self, x: &[f32], n: usize, s: Hwc, out: &mut Vec<f32>, parallel: bool) -> Hwc {
         debug_assert_eq!(s.c, self.cin);
         let [kh, kw] = self.kernel;
         let ho = out_dim(s.h, kh, self.stride, self.pad[0]);
@@ -373,7 +413,7 @@ impl DenseConv {
         let row = wo * self.cout;
         let out = sized(out, n * ho * row);
         let geometry = (kh, kw, self.stride, self.pad[0], self.pad[1]);
-        out.par_chunks_mut(row).enumerate().for_each(|(r, o)| {
+        each_chunk(parallel, out, row, |r, o| {
             let (img, oy) = (r / ho, r % ho);
             let plane = s.h * s.w * s.c;
             simd::dense_row(
@@ -396,7 +436,7 @@ impl DenseConv {
 }
 
 impl DepthwiseConv {
-    fn run(&self, x: &[f32], n: usize, s: Hwc, out: &mut Vec<f32>) -> Hwc {
+    fn run(&self, x: &[f32], n: usize, s: Hwc, out: &mut Vec<f32>, parallel: bool) -> Hwc {
         let [kh, kw] = self.kernel;
         let ho = out_dim(s.h, kh, self.stride, self.pad[0]);
         let wo = out_dim(s.w, kw, self.stride, self.pad[1]);
@@ -404,7 +444,7 @@ impl DepthwiseConv {
         let out = sized(out, n * ho * row);
         let geometry = (kh, kw, self.stride, self.pad[0], self.pad[1]);
         let plane = s.h * s.w * s.c;
-        out.par_chunks_mut(row).enumerate().for_each(|(r, o)| {
+        each_chunk(parallel, out, row, |r, o| {
             let (img, oy) = (r / ho, r % ho);
             simd::depthwise_row(
                 o,
@@ -427,53 +467,53 @@ impl DepthwiseConv {
 
 impl Pointwise {
     /// `out = epilogue(x @ w)` over `m` rows, or `out = residual + bias + x @ w`.
-    fn run(&self, x: &[f32], m: usize, residual: Option<&[f32]>, out: &mut Vec<f32>) {
+    fn run(
+        &self,
+        x: &[f32],
+        m: usize,
+        residual: Option<&[f32]>,
+        out: &mut Vec<f32>,
+        parallel: bool,
+    ) {
         let (cin, cout) = (self.cin, self.cout);
         let out = sized(out, m * cout);
-        let tile = tile_rows(m);
-        out.par_chunks_mut(tile * cout)
-            .enumerate()
-            .for_each(|(t, o)| {
-                let rows = o.len() / cout;
-                let r0 = t * tile;
-                let xin = &x[r0 * cin..(r0 + rows) * cin];
-                if let Some(res) = residual {
-                    o.copy_from_slice(&res[r0 * cout..(r0 + rows) * cout]);
-                    for row in o.chunks_exact_mut(cout) {
-                        simd::bias_prelu_row(row, &self.bias, None);
-                    }
-                }
-                // SAFETY: `o` is `rows x cout`, `xin` is `rows x cin` and `w` is
-                // `cin x cout`, all row-major and in bounds.
-                unsafe {
-                    gemm::gemm(
-                        rows,
-                        cout,
-                        cin,
-                        o.as_mut_ptr(),
-                        1,
-                        cout as isize,
-                        residual.is_some(),
-                        xin.as_ptr(),
-                        1,
-                        cin as isize,
-                        self.w.as_ptr(),
-                        1,
-                        cout as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-                if residual.is_none() {
-                    for row in o.chunks_exact_mut(cout) {
-                        simd::bias_prelu_row(row, &self.bias, self.slope.as_deref());
-                    }
-                }
-            });
+        let tile = tile_rows(m, parallel);
+        each_chunk(parallel, out, tile * cout, |t, o| {
+            let rows = o.len() / cout;
+            let r0 = t * tile;
+            let xin = &x[r0 * cin..(r0 + rows) * cin];
+            if let Some(res) = residual {
+                simd::add_bias(o, &res[r0 * cout..(r0 + rows) * cout], &self.bias);
+            }
+            // SAFETY: `o` is `rows x cout`, `xin` is `rows x cin` and `w` is
+            // `cin x cout`, all row-major and in bounds.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    cout,
+                    cin,
+                    o.as_mut_ptr(),
+                    1,
+                    cout as isize,
+                    residual.is_some(),
+                    xin.as_ptr(),
+                    1,
+                    cin as isize,
+                    self.w.as_ptr(),
+                    1,
+                    cout as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            if residual.is_none() {
+                simd::bias_prelu(o, &self.bias, self.slope.as_deref());
+            }
+        });
     }
 }
 
@@ -494,7 +534,55 @@ impl CpuEngine {
 
     /// Raw embeddings of `n` images given as NCHW RGB `0..=255`; `times`, when given,
     /// receives the wall time of each layer kind.
-    pub fn forward(&self, input: &[f32], n: usize, mut times: Option<&mut LayerTimes>) -> Vec<f32> {
+    ///
+    /// With at least as many images as threads, each image runs the whole network on one
+    /// thread: its activations stay in that core's cache (a whole batch's would not) and
+    /// the threads never wait on each other. Otherwise every layer is split across threads.
+    pub fn forward(&self, input: &[f32], n: usize, times: Option<&mut LayerTimes>) -> Vec<f32> {
+        let threads = rayon::current_num_threads();
+        if n == 1 || n < threads {
+            return self.run(input, n, threads > 1, times);
+        }
+        let per_image = 3 * self.input_hw[0] * self.input_hw[1];
+        let emb = self.head.cout;
+        let mut out = vec![0f32; n * emb];
+        let start = Instant::now();
+        let busy: Mutex<LayerTimes> = Mutex::new(LayerTimes::new());
+        let timed = times.is_some();
+        out.par_chunks_mut(emb)
+            .zip(input.par_chunks(per_image))
+            .for_each(|(o, x)| {
+                let mut mine = LayerTimes::new();
+                let y = self.run(x, 1, false, timed.then_some(&mut mine));
+                o.copy_from_slice(&y);
+                if timed {
+                    if let Ok(mut b) = busy.lock() {
+                        for (k, d) in mine {
+                            *b.entry(k).or_default() += d;
+                        }
+                    }
+                }
+            });
+        if let (Some(t), Ok(busy)) = (times, busy.into_inner()) {
+            // Threads overlap, so each kind gets its share of the wall time.
+            let wall = start.elapsed();
+            let total: Duration = busy.values().sum();
+            for (k, d) in busy {
+                let share = d.as_secs_f64() / total.as_secs_f64().max(f64::MIN_POSITIVE);
+                *t.entry(k).or_default() += wall.mul_f64(share);
+            }
+        }
+        out
+    }
+
+    /// The network on `n` images, splitting each layer across threads when `parallel`.
+    fn run(
+        &self,
+        input: &[f32],
+        n: usize,
+        parallel: bool,
+        mut times: Option<&mut LayerTimes>,
+    ) -> Vec<f32> {
         let [h, w] = self.input_hw;
         let mut ws = self.workspace();
         let mut clock = Instant::now();
@@ -509,38 +597,35 @@ impl CpuEngine {
         // NCHW pixels to normalised NHWC.
         let plane = h * w;
         let (mean, scale) = (self.mean, self.scale);
-        sized(&mut ws.y, n * plane * 3)
-            .par_chunks_mut(w * 3)
-            .enumerate()
-            .for_each(|(r, o)| {
-                let (img, y) = (r / h, r % h);
-                let base = img * 3 * plane + y * w;
-                for (x, px) in o.chunks_exact_mut(3).enumerate() {
-                    for c in 0..3 {
-                        px[c] = (input[base + c * plane + x] - mean[c]) * scale[c];
-                    }
+        each_chunk(parallel, sized(&mut ws.y, n * plane * 3), w * 3, |r, o| {
+            let (img, y) = (r / h, r % h);
+            let base = img * 3 * plane + y * w;
+            for (x, px) in o.chunks_exact_mut(3).enumerate() {
+                for c in 0..3 {
+                    px[c] = (input[base + c * plane + x] - mean[c]) * scale[c];
                 }
-            });
+            }
+        });
         let s = Hwc { h, w, c: 3 };
-        let s = self.stem.run(&ws.y, n, s, &mut ws.x);
+        let s = self.stem.run(&ws.y, n, s, &mut ws.x, parallel);
         lap(LayerKind::Stem, &mut times);
-        let mut s = self.stem_dw.run(&ws.x, n, s, &mut ws.y);
+        let mut s = self.stem_dw.run(&ws.x, n, s, &mut ws.y, parallel);
         std::mem::swap(&mut ws.x, &mut ws.y);
         lap(LayerKind::Depthwise, &mut times);
 
         for b in &self.blocks {
             let m = n * s.h * s.w;
-            b.expand.run(&ws.x, m, None, &mut ws.e);
+            b.expand.run(&ws.x, m, None, &mut ws.e, parallel);
             lap(LayerKind::Pointwise, &mut times);
             let e = Hwc {
                 c: b.expand.cout,
                 ..s
             };
-            let d = b.depthwise.run(&ws.e, n, e, &mut ws.d);
+            let d = b.depthwise.run(&ws.e, n, e, &mut ws.d, parallel);
             lap(LayerKind::Depthwise, &mut times);
             let m = n * d.h * d.w;
             let residual = b.residual.then_some(&ws.x[..m * b.project.cout]);
-            b.project.run(&ws.d, m, residual, &mut ws.y);
+            b.project.run(&ws.d, m, residual, &mut ws.y, parallel);
             std::mem::swap(&mut ws.x, &mut ws.y);
             lap(LayerKind::Pointwise, &mut times);
             s = Hwc {
@@ -550,16 +635,16 @@ impl CpuEngine {
         }
 
         let m = n * s.h * s.w;
-        self.last.run(&ws.x, m, None, &mut ws.e);
+        self.last.run(&ws.x, m, None, &mut ws.e, parallel);
         lap(LayerKind::Pointwise, &mut times);
         let s = Hwc {
             c: self.last.cout,
             ..s
         };
-        let g = self.gdconv.run(&ws.e, n, s, &mut ws.d);
+        let g = self.gdconv.run(&ws.e, n, s, &mut ws.d, parallel);
         lap(LayerKind::GdConv, &mut times);
         let mut out = Vec::new();
-        self.head.run(&ws.d, n, None, &mut out);
+        self.head.run(&ws.d, n, None, &mut out, parallel);
         out.truncate(n * self.head.cout);
         lap(LayerKind::Head, &mut times);
         debug_assert_eq!(g.h * g.w * g.c, self.head.cin);
