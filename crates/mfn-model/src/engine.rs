@@ -652,3 +652,211 @@ impl CpuEngine {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// Deterministic values in about -1..1.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn nchw(v: &[f32], shape: [usize; 4]) -> Tensor {
+        Tensor::from_slice(v, shape.as_slice(), &Device::Cpu).unwrap()
+    }
+
+    fn to_nhwc(t: &Tensor) -> Vec<f32> {
+        t.permute((0, 2, 3, 1))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// candle's conv plus bias and PReLU: the reference.
+    fn reference(
+        x: &Tensor,
+        w: &Tensor,
+        bias: &[f32],
+        slope: Option<&[f32]>,
+        stride: usize,
+        pad: usize,
+        groups: usize,
+    ) -> Tensor {
+        let c = bias.len();
+        let y = x
+            .conv2d(w, pad, stride, 1, groups)
+            .unwrap()
+            .broadcast_add(&nchw(bias, [1, c, 1, 1]))
+            .unwrap();
+        match slope {
+            None => y,
+            Some(a) => {
+                let a = nchw(a, [1, c, 1, 1]);
+                let zeros = y.zeros_like().unwrap();
+                (y.maximum(&zeros).unwrap() + y.minimum(&zeros).unwrap().broadcast_mul(&a).unwrap())
+                    .unwrap()
+            }
+        }
+    }
+
+    fn assert_close(got: &[f32], want: &Tensor, what: &str) {
+        let want = to_nhwc(want);
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let diff = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            diff <= 1e-5 * scale,
+            "{what}: max diff {diff} (scale {scale})"
+        );
+    }
+
+    #[test]
+    fn dense_conv_matches_candle() {
+        for (n, cin, cout, h, w, k, stride, pad) in [
+            (3, 3, 64, 13, 11, 3, 2, 1),
+            (2, 5, 70, 9, 8, 3, 1, 1),
+            (1, 2, 130, 7, 7, 3, 2, 0),
+        ] {
+            let x = values(n * cin * h * w, 1);
+            let wt = values(cout * cin * k * k, 2);
+            let bias = values(cout, 3);
+            let slope = values(cout, 4);
+            let xt = nchw(&x, [n, cin, h, w]);
+            let wtt = nchw(&wt, [cout, cin, k, k]);
+            let mut hwio = vec![0f32; wt.len()];
+            for o in 0..cout {
+                for i in 0..cin {
+                    for t in 0..k * k {
+                        hwio[(t * cin + i) * cout + o] = wt[(o * cin + i) * k * k + t];
+                    }
+                }
+            }
+            let conv = DenseConv {
+                w: hwio,
+                bias: bias.clone(),
+                slope: Some(slope.clone()),
+                cin,
+                cout,
+                kernel: [k, k],
+                stride,
+                pad: [pad, pad],
+            };
+            let mut out = Vec::new();
+            for parallel in [false, true] {
+                let shape = conv.run(&to_nhwc(&xt), n, Hwc { h, w, c: cin }, &mut out, parallel);
+                let want = reference(&xt, &wtt, &bias, Some(&slope), stride, pad, 1);
+                assert_eq!(
+                    [n, shape.c, shape.h, shape.w],
+                    [
+                        want.dims()[0],
+                        want.dims()[1],
+                        want.dims()[2],
+                        want.dims()[3]
+                    ]
+                );
+                assert_close(&out[..want.elem_count()], &want, "dense");
+            }
+        }
+    }
+
+    #[test]
+    fn depthwise_conv_matches_candle() {
+        for (n, c, h, w, k, stride, pad, prelu) in [
+            (2, 70, 9, 7, 3, 1, 1, true),
+            (3, 64, 11, 13, 3, 2, 1, true),
+            (2, 128, 8, 8, 3, 2, 1, false),
+            (2, 512, 7, 7, 7, 1, 0, false),
+            (1, 5, 1, 1, 3, 1, 1, true),
+        ] {
+            let x = values(n * c * h * w, 5);
+            let wt = values(c * k * k, 6);
+            let bias = values(c, 7);
+            let slope = values(c, 8);
+            let xt = nchw(&x, [n, c, h, w]);
+            let wtt = nchw(&wt, [c, 1, k, k]);
+            let mut hwc = vec![0f32; wt.len()];
+            for ch in 0..c {
+                for t in 0..k * k {
+                    hwc[t * c + ch] = wt[ch * k * k + t];
+                }
+            }
+            let conv = DepthwiseConv {
+                w: hwc,
+                bias: bias.clone(),
+                slope: prelu.then(|| slope.clone()),
+                c,
+                kernel: [k, k],
+                stride,
+                pad: [pad, pad],
+            };
+            let want = reference(
+                &xt,
+                &wtt,
+                &bias,
+                prelu.then_some(&slope[..]),
+                stride,
+                pad,
+                c,
+            );
+            let mut out = Vec::new();
+            for parallel in [false, true] {
+                conv.run(&to_nhwc(&xt), n, Hwc { h, w, c }, &mut out, parallel);
+                assert_close(&out[..want.elem_count()], &want, "depthwise");
+            }
+        }
+    }
+
+    #[test]
+    fn pointwise_matches_candle_with_and_without_residual() {
+        let (n, cin, cout, h, w) = (3, 37, 70, 5, 7);
+        let x = values(n * cin * h * w, 9);
+        let wt = values(cout * cin, 10);
+        let bias = values(cout, 11);
+        let slope = values(cout, 12);
+        let res = values(n * cout * h * w, 13);
+        let xt = nchw(&x, [n, cin, h, w]);
+        let wtt = nchw(&wt, [cout, cin, 1, 1]);
+        let mut io = vec![0f32; wt.len()];
+        for o in 0..cout {
+            for i in 0..cin {
+                io[i * cout + o] = wt[o * cin + i];
+            }
+        }
+        let layer = |slope: Option<Vec<f32>>| Pointwise {
+            w: io.clone(),
+            bias: bias.clone(),
+            slope,
+            cin,
+            cout,
+        };
+        let m = n * h * w;
+        let mut out = Vec::new();
+        for parallel in [false, true] {
+            layer(Some(slope.clone())).run(&to_nhwc(&xt), m, None, &mut out, parallel);
+            let want = reference(&xt, &wtt, &bias, Some(&slope), 1, 0, 1);
+            assert_close(&out[..m * cout], &want, "pointwise + prelu");
+
+            let rt = nchw(&res, [n, cout, h, w]);
+            layer(None).run(&to_nhwc(&xt), m, Some(&to_nhwc(&rt)), &mut out, parallel);
+            let want = (reference(&xt, &wtt, &bias, None, 1, 0, 1) + &rt).unwrap();
+            assert_close(&out[..m * cout], &want, "pointwise + residual");
+        }
+    }
+}

@@ -246,3 +246,39 @@ fn wrong_input_shape_is_a_typed_error() {
         other => panic!("expected InputShape, got {other}"),
     }
 }
+
+#[test]
+fn engine_is_independent_of_threads_layout_and_batch_split() {
+    let device = Device::Cpu;
+    let model = Checkpoint::load(&y1_symbol(), None, &device)
+        .unwrap()
+        .build(&device)
+        .unwrap();
+    let x = input(3);
+    let reference = model.forward_graph(&x, false).unwrap();
+    // A strided view with the same values: H and W swapped twice.
+    let strided = x
+        .transpose(2, 3)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .transpose(2, 3)
+        .unwrap();
+    assert!(!strided.is_contiguous());
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            // Batch 3 runs one image per thread with 1-3 threads; batch 1 splits layers.
+            let all = model.forward(&strided).unwrap();
+            assert!(max_diff(&all, &reference) < 1e-4, "{threads} threads");
+            let one = model.forward(&x.narrow(0, 2, 1).unwrap()).unwrap();
+            assert!(max_diff(&one, &reference.narrow(0, 2, 1).unwrap()) < 1e-4);
+            let (timed, layers) = model.forward_timed(&x).unwrap();
+            assert_eq!(max_diff(&timed, &all), 0.0);
+            assert_eq!(layers.len(), mfn_model::LayerKind::ALL.len());
+        });
+    }
+}
