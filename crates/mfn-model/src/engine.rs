@@ -55,10 +55,11 @@ impl LayerKind {
     }
 }
 
-/// A dense conv (groups = 1) with folded BatchNorm, computed directly in NHWC.
+/// A conv that slides a window over the image (dense or depthwise), with folded
+/// BatchNorm, computed directly in NHWC.
 #[derive(Clone, Debug)]
-pub(crate) struct DenseConv {
-    /// `[kh][kw][cin][cout]`.
+pub(crate) struct WindowConv {
+    /// Dense: `[kh][kw][cin][cout]`; depthwise: `[kh][kw][c]`, each tap a channel vector.
     pub w: Vec<f32>,
     pub bias: Vec<f32>,
     pub slope: Option<Vec<f32>>,
@@ -67,19 +68,8 @@ pub(crate) struct DenseConv {
     pub kernel: [usize; 2],
     pub stride: usize,
     pub pad: [usize; 2],
-}
-
-/// A depthwise conv with folded BatchNorm.
-#[derive(Clone, Debug)]
-pub(crate) struct DepthwiseConv {
-    /// `[kh][kw][c]`: each tap is a vector over channels.
-    pub w: Vec<f32>,
-    pub bias: Vec<f32>,
-    pub slope: Option<Vec<f32>>,
-    pub c: usize,
-    pub kernel: [usize; 2],
-    pub stride: usize,
-    pub pad: [usize; 2],
+    /// One filter per channel rather than a full `cin x cout` one.
+    pub depthwise: bool,
 }
 
 /// A 1x1 conv or linear layer with folded BatchNorm: `x (M, cin) @ w (cin, cout)`.
@@ -96,7 +86,7 @@ pub(crate) struct Pointwise {
 #[derive(Clone, Debug)]
 pub(crate) struct Block {
     pub expand: Pointwise,
-    pub depthwise: DepthwiseConv,
+    pub depthwise: WindowConv,
     pub project: Pointwise,
     pub residual: bool,
 }
@@ -107,11 +97,11 @@ pub(crate) struct CpuEngine {
     pub input_hw: [usize; 2],
     pub mean: [f32; 3],
     pub scale: [f32; 3],
-    pub stem: DenseConv,
-    pub stem_dw: DepthwiseConv,
+    pub stem: WindowConv,
+    pub stem_dw: WindowConv,
     pub blocks: Vec<Block>,
     pub last: Pointwise,
-    pub gdconv: DepthwiseConv,
+    pub gdconv: WindowConv,
     pub head: Pointwise,
     pub workspaces: Mutex<Vec<Workspace>>,
 }
@@ -404,7 +394,7 @@ mod simd {
     dispatch!(add_bias, add_bias_impl, (dst: &mut [f32], src: &[f32], bias: &[f32]));
 }
 
-impl DenseConv {
+impl WindowConv {
     fn run(&self, x: &[f32], n: usize, s: Hwc, out: &mut Vec<f32>, parallel: bool) -> Hwc {
         debug_assert_eq!(s.c, self.cin);
         let [kh, kw] = self.kernel;
@@ -413,10 +403,15 @@ impl DenseConv {
         let row = wo * self.cout;
         let out = sized(out, n * ho * row);
         let geometry = (kh, kw, self.stride, self.pad[0], self.pad[1]);
+        let plane = s.h * s.w * s.c;
+        let kernel = if self.depthwise {
+            simd::depthwise_row
+        } else {
+            simd::dense_row
+        };
         each_chunk(parallel, out, row, |r, o| {
             let (img, oy) = (r / ho, r % ho);
-            let plane = s.h * s.w * s.c;
-            simd::dense_row(
+            kernel(
                 o,
                 &x[img * plane..(img + 1) * plane],
                 (s.h, s.w, s.c),
@@ -431,36 +426,6 @@ impl DenseConv {
             h: ho,
             w: wo,
             c: self.cout,
-        }
-    }
-}
-
-impl DepthwiseConv {
-    fn run(&self, x: &[f32], n: usize, s: Hwc, out: &mut Vec<f32>, parallel: bool) -> Hwc {
-        let [kh, kw] = self.kernel;
-        let ho = out_dim(s.h, kh, self.stride, self.pad[0]);
-        let wo = out_dim(s.w, kw, self.stride, self.pad[1]);
-        let row = wo * self.c;
-        let out = sized(out, n * ho * row);
-        let geometry = (kh, kw, self.stride, self.pad[0], self.pad[1]);
-        let plane = s.h * s.w * s.c;
-        each_chunk(parallel, out, row, |r, o| {
-            let (img, oy) = (r / ho, r % ho);
-            simd::depthwise_row(
-                o,
-                &x[img * plane..(img + 1) * plane],
-                (s.h, s.w, s.c),
-                oy,
-                &self.w,
-                &self.bias,
-                self.slope.as_deref(),
-                geometry,
-            );
-        });
-        Hwc {
-            h: ho,
-            w: wo,
-            c: self.c,
         }
     }
 }
@@ -748,7 +713,7 @@ mod tests {
                     }
                 }
             }
-            let conv = DenseConv {
+            let conv = WindowConv {
                 w: hwio,
                 bias: bias.clone(),
                 slope: Some(slope.clone()),
@@ -757,6 +722,7 @@ mod tests {
                 kernel: [k, k],
                 stride,
                 pad: [pad, pad],
+                depthwise: false,
             };
             let mut out = Vec::new();
             for parallel in [false, true] {
@@ -797,14 +763,16 @@ mod tests {
                     hwc[t * c + ch] = wt[ch * k * k + t];
                 }
             }
-            let conv = DepthwiseConv {
+            let conv = WindowConv {
                 w: hwc,
                 bias: bias.clone(),
                 slope: prelu.then(|| slope.clone()),
-                c,
+                cin: c,
+                cout: c,
                 kernel: [k, k],
                 stride,
                 pad: [pad, pad],
+                depthwise: true,
             };
             let want = reference(
                 &xt,

@@ -171,7 +171,7 @@ impl ConvBnAct {
     }
 
     /// The unit as an NHWC dense conv for the CPU engine.
-    pub(crate) fn engine_dense(&self) -> Result<engine::DenseConv> {
+    pub(crate) fn engine_dense(&self) -> Result<engine::WindowConv> {
         let s = &self.spec;
         if s.groups != 1 {
             candle_core::bail!("{}: a dense conv needs groups = 1", s.name);
@@ -190,7 +190,7 @@ impl ConvBnAct {
                 }
             }
         }
-        Ok(engine::DenseConv {
+        Ok(engine::WindowConv {
             w: hwio,
             bias,
             slope,
@@ -199,11 +199,12 @@ impl ConvBnAct {
             kernel: s.kernel,
             stride: s.stride,
             pad: s.pad,
+            depthwise: false,
         })
     }
 
     /// The unit as an NHWC depthwise conv for the CPU engine.
-    pub(crate) fn engine_depthwise(&self) -> Result<engine::DepthwiseConv> {
+    pub(crate) fn engine_depthwise(&self) -> Result<engine::WindowConv> {
         let s = &self.spec;
         if !s.is_depthwise() {
             candle_core::bail!("{}: not a depthwise conv", s.name);
@@ -217,14 +218,16 @@ impl ConvBnAct {
                 hwc[t * c + ch] = w[ch * kh * kw + t];
             }
         }
-        Ok(engine::DepthwiseConv {
+        Ok(engine::WindowConv {
             w: hwc,
             bias,
             slope,
-            c,
+            cin: c,
+            cout: c,
             kernel: s.kernel,
             stride: s.stride,
             pad: s.pad,
+            depthwise: true,
         })
     }
 
