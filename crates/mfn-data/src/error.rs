@@ -66,6 +66,42 @@ pub enum Error {
         message: String,
     },
 
+    /// Landmarks that cannot describe a face: a coordinate is not finite, the points
+    /// coincide, or three or more of them lie on (nearly) one line.
+    #[error("degenerate landmarks: {message}")]
+    DegenerateLandmarks {
+        /// What is wrong with which points.
+        message: String,
+    },
+
+    /// Face alignment was asked for something it cannot do: too few or mismatched points, an
+    /// unsupported template size, an empty image or output.
+    #[error("alignment: {message}")]
+    Alignment {
+        /// What was wrong.
+        message: String,
+    },
+
+    /// A line of a landmarks file is malformed.
+    #[error("{path}:{line}: {message}")]
+    LandmarksFile {
+        /// The landmarks file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What was wrong.
+        message: String,
+    },
+
+    /// The face detector could not be loaded or run.
+    #[error("{path}: {message}")]
+    Detector {
+        /// The detector's weights, or the image being searched.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+
     /// The tensor library failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

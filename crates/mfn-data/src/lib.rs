@@ -1,7 +1,9 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod align;
 pub mod assets;
+pub mod detect;
 mod error;
 pub mod image;
 pub mod loader;

@@ -45,6 +45,15 @@ pub enum Error {
         found: String,
     },
 
+    /// A PyTorch checkpoint is malformed, truncated or of an unknown layout.
+    #[error("{path}: {message}")]
+    Torch {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+
     /// A weight is absent from a checkpoint.
     #[error("{path}: missing weight `{name}`")]
     MissingWeight {

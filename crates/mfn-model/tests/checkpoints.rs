@@ -282,3 +282,30 @@ fn engine_is_independent_of_threads_layout_and_batch_split() {
         });
     }
 }
+
+#[test]
+fn legacy_pytorch_state_dicts_are_read() {
+    use mfn_model::import::torch::read_state_dict;
+    let path = asset("models/retinaface-mnet025/mobilenet0.25_Final.pth");
+    let sd = read_state_dict(&path, &Device::Cpu).unwrap();
+    // 300 entries, of which 47 are integer `num_batches_tracked` buffers (one per BatchNorm).
+    assert_eq!(sd.len(), 253);
+    assert_eq!(sd["body.stage1.0.0.weight"].dims(), &[8, 3, 3, 3]);
+    assert_eq!(sd["LandmarkHead.2.conv1x1.bias"].dims(), &[20]);
+    let var: Vec<f32> = sd["fpn.merge1.1.running_var"].to_vec1().unwrap();
+    assert!(var.iter().all(|v| *v > 0.0 && v.is_finite()));
+
+    let onet = read_state_dict(&asset("models/mtcnn/onet.pt"), &Device::Cpu).unwrap();
+    assert!(onet.keys().any(|k| k.contains("conv")), "{:?}", onet.keys());
+
+    let bytes = std::fs::read(&path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.pth");
+    std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
+    let err = read_state_dict(&cut, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("cut.pth") && err.contains("truncated"), "{err}");
+    let junk = dir.path().join("junk.pth");
+    std::fs::write(&junk, b"hello").unwrap();
+    let err = read_state_dict(&junk, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("not a PyTorch checkpoint"), "{err}");
+}

@@ -1,3 +1,4 @@
 //! Importers from other frameworks' checkpoints into a [`crate::Config`] and named tensors.
 
 pub mod mxnet;
+pub mod torch;
