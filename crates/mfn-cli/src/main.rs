@@ -24,6 +24,10 @@ enum Command {
     Embed(commands::embed::Args),
     /// Converts a checkpoint (MXNet `*-symbol.json`) to the native safetensors format.
     Convert(commands::convert::Args),
+    /// Finds faces in photos and writes them aligned (ArcFace or SphereFace layout).
+    Align(commands::align::Args),
+    /// Decides whether two photos show the same person: exit 0 yes, 1 no, 2 error.
+    Verify(commands::verify::Args),
 }
 
 fn main() {
@@ -39,12 +43,17 @@ fn main() {
         mfn_model::set_num_threads(n);
     }
     let result = match cli.command {
-        Command::Eval(args) => commands::eval::run(args),
-        Command::Embed(args) => commands::embed::run(args),
-        Command::Convert(args) => commands::convert::run(args),
+        Command::Eval(args) => commands::eval::run(args).map(|_| 0),
+        Command::Embed(args) => commands::embed::run(args).map(|_| 0),
+        Command::Convert(args) => commands::convert::run(args).map(|_| 0),
+        Command::Align(args) => commands::align::run(args).map(|_| 0),
+        Command::Verify(args) => commands::verify::run(args).map(|same| if same { 0 } else { 1 }),
     };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(2);
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
     }
 }

@@ -252,3 +252,128 @@ fn without_assets_eval_says_what_to_pass() {
         "{err}"
     );
 }
+
+fn raw(rel: &str) -> String {
+    asset(&format!("lfw-raw-subset/images/{rel}"))
+        .display()
+        .to_string()
+}
+
+#[test]
+fn verify_exits_0_for_same_1_for_different_2_for_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let native = dir.path().join("y1.safetensors");
+    let symbol = asset("models/mobilefacenet-y1/model-symbol.json");
+    // No threshold yet: verify says how to get one.
+    ok(mfn(&[
+        "convert",
+        symbol.to_str().unwrap(),
+        native.to_str().unwrap(),
+    ]));
+    let (a, b, c) = (
+        raw("Colin_Powell/Colin_Powell_0001.jpg"),
+        raw("Colin_Powell/Colin_Powell_0002.jpg"),
+        raw("Tony_Blair/Tony_Blair_0002.jpg"),
+    );
+    let out = mfn(&["verify", "--model", native.to_str().unwrap(), &a, &b]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("--save-threshold"),
+        "{}",
+        stderr(&out)
+    );
+
+    ok(mfn(&[
+        "convert",
+        "--threshold",
+        "0.2687",
+        symbol.to_str().unwrap(),
+        native.to_str().unwrap(),
+    ]));
+    let json = dir.path().join("v.json");
+    let out = mfn(&[
+        "verify",
+        "--model",
+        native.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+        &a,
+        &b,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("same person: yes  (cosine "), "{text}");
+    let v = read_json(&json);
+    assert_eq!(v["same"], true);
+    assert!((v["threshold"].as_f64().unwrap() - 0.2687).abs() < 1e-9);
+
+    let out = mfn(&["verify", "--model", native.to_str().unwrap(), &a, &c]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("same person: no "));
+
+    // An explicit threshold wins over the stored one.
+    let out = mfn(&[
+        "verify",
+        "--model",
+        native.to_str().unwrap(),
+        "--threshold=-1",
+        &a,
+        &c,
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+
+    let blank = dir.path().join("blank.png");
+    image::RgbImage::from_pixel(80, 80, image::Rgb([40, 40, 40]))
+        .save(&blank)
+        .unwrap();
+    let out = mfn(&[
+        "verify",
+        "--model",
+        native.to_str().unwrap(),
+        &a,
+        blank.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("blank.png: no face found"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn align_and_embed_detect_work_on_photos() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        raw("Hugo_Chavez/Hugo_Chavez_0001.jpg"),
+        raw("Hugo_Chavez/Hugo_Chavez_0002.jpg"),
+    );
+    let out_dir = dir.path().join("crops");
+    ok(mfn(&["align", "--out", out_dir.to_str().unwrap(), &a, &b]));
+    let crop = image::open(out_dir.join("Hugo_Chavez_0001.png")).unwrap();
+    assert_eq!((crop.width(), crop.height()), (112, 112));
+
+    let given = asset("lfw-raw-subset/landmarks.txt");
+    let sphere = dir.path().join("sphere");
+    ok(mfn(&[
+        "align",
+        "--landmarks",
+        given.to_str().unwrap(),
+        "--size",
+        "96x112",
+        "--out",
+        sphere.to_str().unwrap(),
+        &a,
+    ]));
+    let crop = image::open(sphere.join("Hugo_Chavez_0001.png")).unwrap();
+    assert_eq!((crop.width(), crop.height()), (96, 112));
+
+    let out = ok(mfn(&["embed", "--detect", "--flip", &a, &b]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["images"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    let (e1, e2) = (floats(&rows[0]["embedding"]), floats(&rows[1]["embedding"]));
+    let cos: f32 = e1.iter().zip(&e2).map(|(x, y)| x * y).sum();
+    assert!(cos > 0.4, "same person, cosine {cos}");
+    assert_eq!(rows[0]["landmarks"].as_array().unwrap().len(), 5);
+}

@@ -93,6 +93,13 @@ pub enum Error {
         message: String,
     },
 
+    /// A photo has no face the detector can find.
+    #[error("{path}: no face found")]
+    NoFace {
+        /// The photo.
+        path: PathBuf,
+    },
+
     /// The face detector could not be loaded or run.
     #[error("{path}: {message}")]
     Detector {

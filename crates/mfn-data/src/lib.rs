@@ -5,6 +5,7 @@ pub mod align;
 pub mod assets;
 pub mod detect;
 mod error;
+pub mod face;
 pub mod image;
 pub mod loader;
 pub mod pairs;

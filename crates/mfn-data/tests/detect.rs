@@ -1,68 +1,160 @@
-//! RetinaFace on the raw LFW photos, against the landmarks given with them.
+//! The face detectors on real photos and on inputs that should not break them.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use candle_core::Device;
+use image::{GrayImage, RgbImage};
+use mfn_data::align::read_landmarks_file;
 use mfn_data::detect::{central, Detector, DetectorOptions};
-use mfn_data::{assets, decode_rgb};
+use mfn_data::face::{FaceAligner, Pick};
+use mfn_data::{assets, decode_rgb, Error};
 
 fn asset(rel: &str) -> PathBuf {
     assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn detector() -> Detector {
-    if std::env::var("DET").as_deref() == Ok("retinaface") {
-        Detector::retinaface(&asset("models/retinaface-mnet025/mobilenet0.25_Final.pth"), &Device::Cpu).unwrap()
-    } else {
-        Detector::mtcnn(&asset("models/mtcnn"), &Device::Cpu).unwrap()
+fn detectors() -> Vec<(&'static str, Detector)> {
+    vec![
+        (
+            "mtcnn",
+            Detector::mtcnn(&asset("models/mtcnn"), &Device::Cpu).unwrap(),
+        ),
+        (
+            "retinaface",
+            Detector::retinaface(
+                &asset("models/retinaface-mnet025/mobilenet0.25_Final.pth"),
+                &Device::Cpu,
+            )
+            .unwrap(),
+        ),
+    ]
+}
+
+/// Mean landmark error over the 100 raw LFW photos, in inter-ocular distances of the
+/// given landmarks.
+fn landmark_error(det: &Detector) -> f32 {
+    let given = read_landmarks_file(&asset("lfw-raw-subset/landmarks.txt")).unwrap();
+    let root = asset("lfw-raw-subset/images");
+    let mut total = 0f32;
+    for (rel, g) in &given {
+        let img = decode_rgb(&root.join(rel)).unwrap();
+        let faces = det.detect(&img, &DetectorOptions::default()).unwrap();
+        let face = central(&faces, img.width(), img.height())
+            .unwrap_or_else(|| panic!("no face in {}", rel.display()));
+        let iod = ((g[0][0] - g[1][0]).powi(2) + (g[0][1] - g[1][1]).powi(2)).sqrt();
+        let mean = (0..5)
+            .map(|k| {
+                ((face.landmarks[k][0] - g[k][0]).powi(2)
+                    + (face.landmarks[k][1] - g[k][1]).powi(2))
+                .sqrt()
+            })
+            .sum::<f32>()
+            / 5.0;
+        total += mean / iod;
+    }
+    total / given.len() as f32
+}
+
+#[test]
+fn both_detectors_find_every_central_face() {
+    // The given landmarks follow another convention than either detector (both place the
+    // eyes about 0.03 inter-ocular distances lower); facenet-pytorch's own MTCNN measures
+    // 0.0615 here. These bounds catch a broken port, not the convention.
+    for ((name, det), bound) in detectors().into_iter().zip([0.065, 0.075]) {
+        let nme = landmark_error(&det);
+        eprintln!("{name}: mean normalised landmark error {nme:.4}");
+        assert!(nme < bound, "{name}: {nme}");
     }
 }
 
 #[test]
-fn finds_the_central_face_with_accurate_landmarks() {
-    let det = detector();
-    let list = std::fs::read_to_string(asset("lfw-raw-subset/landmarks.txt")).unwrap();
-    let root = asset("lfw-raw-subset/images");
-    let mut errors = Vec::new();
-    let start = Instant::now();
-    let mut n = 0;
-    let mut bias = [[0f32; 2]; 5];
-    for line in list.lines().filter(|l| !l.trim().is_empty()) {
-        let f: Vec<&str> = line.split('\t').collect();
-        let given: Vec<f32> = f[1..].iter().map(|v| v.parse().unwrap()).collect();
-        let img = decode_rgb(&root.join(f[0])).unwrap();
-        let faces = det.detect(&img, &DetectorOptions::default()).unwrap();
-        assert!(!faces.is_empty(), "no face in {}", f[0]);
-        let best = central(&faces, img.width(), img.height()).unwrap();
-        if std::env::var("DBG").is_ok() && f[0].contains("Ariel_Sharon_0010") { eprintln!("{:?} given {:?}", best, given); }
-        let iod = ((given[0] - given[2]).powi(2) + (given[1] - given[3]).powi(2)).sqrt();
-        let mean: f32 = (0..5)
-            .map(|k| {
-                let dx = best.landmarks[k][0] - given[2 * k];
-                let dy = best.landmarks[k][1] - given[2 * k + 1];
-                (dx * dx + dy * dy).sqrt()
-            })
-            .sum::<f32>()
-            / 5.0;
-        errors.push(mean / iod);
-        for k in 0..5 {
-            bias[k][0] += (best.landmarks[k][0] - given[2 * k]) / iod;
-            bias[k][1] += (best.landmarks[k][1] - given[2 * k + 1]) / iod;
+fn odd_images_give_results_or_clear_errors() {
+    let face = decode_rgb(&asset(
+        "lfw-raw-subset/images/Colin_Powell/Colin_Powell_0001.jpg",
+    ))
+    .unwrap();
+    let gray: GrayImage = image::imageops::grayscale(&face);
+    let gray_rgb: RgbImage = image::DynamicImage::ImageLuma8(gray).to_rgb8();
+    let cases: Vec<(&str, RgbImage)> = vec![
+        (
+            "blank",
+            RgbImage::from_pixel(200, 150, image::Rgb([128, 128, 128])),
+        ),
+        (
+            "tiny",
+            RgbImage::from_pixel(12, 9, image::Rgb([10, 200, 30])),
+        ),
+        ("1x1", RgbImage::new(1, 1)),
+        (
+            "10000x10",
+            RgbImage::from_pixel(10000, 10, image::Rgb([255, 255, 255])),
+        ),
+        (
+            "10x10000",
+            RgbImage::from_pixel(10, 10000, image::Rgb([0, 0, 0])),
+        ),
+        ("grayscale", gray_rgb),
+    ];
+    for (name, det) in detectors() {
+        for (case, img) in &cases {
+            let faces = det.detect(img, &DetectorOptions::default()).unwrap();
+            match *case {
+                "grayscale" => assert!(!faces.is_empty(), "{name}: no face in the grayscale photo"),
+                _ => assert!(
+                    faces.is_empty(),
+                    "{name}: {} faces in the {case} image",
+                    faces.len()
+                ),
+            }
         }
-        n += 1;
+        let err = det
+            .detect(&RgbImage::new(0, 5), &DetectorOptions::default())
+            .unwrap_err();
+        assert!(matches!(err, Error::Detector { .. }), "{err}");
     }
-    let per_photo = start.elapsed().as_secs_f64() / n as f64;
-    let nme = errors.iter().sum::<f32>() / errors.len() as f32;
-    let worst = errors.iter().cloned().fold(0f32, f32::max);
-    eprintln!(
-        "{n} photos: NME {nme:.4}, worst {worst:.4}, {:.1} ms per photo",
-        per_photo * 1e3
+}
+
+#[test]
+fn photo_files_without_faces_or_with_damage_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let blank = dir.path().join("blank.png");
+    RgbImage::from_pixel(64, 64, image::Rgb([90, 90, 90]))
+        .save(&blank)
+        .unwrap();
+    let gray = dir.path().join("gray.png");
+    let src = decode_rgb(&asset(
+        "lfw-raw-subset/images/Tony_Blair/Tony_Blair_0001.jpg",
+    ))
+    .unwrap();
+    image::imageops::grayscale(&src).save(&gray).unwrap();
+    let rgba = dir.path().join("rgba.png");
+    image::DynamicImage::ImageRgb8(src)
+        .to_rgba8()
+        .save(&rgba)
+        .unwrap();
+    let bytes = std::fs::read(asset(
+        "lfw-raw-subset/images/Tony_Blair/Tony_Blair_0002.jpg",
+    ))
+    .unwrap();
+    let cut = dir.path().join("cut.jpg");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+
+    let aligner = FaceAligner {
+        detector: Detector::mtcnn(&asset("models/mtcnn"), &Device::Cpu).unwrap(),
+        options: DetectorOptions::default(),
+        template: mfn_data::align::ARCFACE_112,
+        size: [112, 112],
+    };
+    let err = aligner.faces_in_file(&blank, Pick::Largest).unwrap_err();
+    assert!(
+        matches!(err, Error::NoFace { .. }) && err.to_string().contains("blank.png"),
+        "{err}"
     );
-    eprintln!(
-        "bias {:?}",
-        bias.map(|b| [b[0] / n as f32, b[1] / n as f32])
-    );
-    assert_eq!(n, 100);
-    assert!(nme <= 0.05, "mean normalised landmark error {nme}");
+    let err = aligner.faces_in_file(&cut, Pick::Largest).unwrap_err();
+    assert!(err.to_string().contains("cut.jpg"), "{err}");
+    for p in [&gray, &rgba] {
+        let faces = aligner.faces_in_file(p, Pick::All).unwrap();
+        assert!(!faces.is_empty());
+        assert_eq!(faces[0].aligned.image.dimensions(), (112, 112));
+    }
 }

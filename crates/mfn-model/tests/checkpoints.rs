@@ -303,9 +303,14 @@ fn legacy_pytorch_state_dicts_are_read() {
     let cut = dir.path().join("cut.pth");
     std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
     let err = read_state_dict(&cut, &Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("cut.pth") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("cut.pth") && err.contains("truncated"),
+        "{err}"
+    );
     let junk = dir.path().join("junk.pth");
     std::fs::write(&junk, b"hello").unwrap();
-    let err = read_state_dict(&junk, &Device::Cpu).unwrap_err().to_string();
+    let err = read_state_dict(&junk, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not a PyTorch checkpoint"), "{err}");
 }

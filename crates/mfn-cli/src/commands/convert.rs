@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use super::load_model;
+use super::{load_model, THRESHOLD_KEY};
 
 /// Arguments of `mfn-cli convert`.
 #[derive(clap::Args, Debug)]
@@ -16,12 +16,27 @@ pub struct Args {
     /// Config preset the source graph is checked against (`y1`, `paper`).
     #[arg(long, default_value = "y1")]
     preset: String,
+    /// Verification threshold (a cosine) to store in the model's metadata; `mfn-cli eval
+    /// --save-threshold` measures one on LFW instead.
+    #[arg(long)]
+    threshold: Option<f64>,
 }
 
 /// Runs the command.
 pub fn run(args: Args) -> Result<()> {
     // Building the network proves the weights fit the config before anything is written.
-    let (ckpt, _model) = load_model(Some(args.input.clone()), Some(&args.preset))?;
+    let (mut ckpt, _model) = load_model(Some(args.input.clone()), Some(&args.preset))?;
+    if let Some(t) = args.threshold {
+        anyhow::ensure!(
+            (-1.0..=1.0).contains(&t),
+            "--threshold {t} is not a cosine in -1..=1"
+        );
+        ckpt.metadata.insert(THRESHOLD_KEY.into(), format!("{t}"));
+        ckpt.metadata.insert(
+            format!("{THRESHOLD_KEY}.source"),
+            "given to mfn-cli convert".into(),
+        );
+    }
     ckpt.save(&args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
     let c = ckpt.config.complexity();

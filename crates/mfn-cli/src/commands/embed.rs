@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use serde_json::json;
 
-use super::{image_size, load_model};
+use super::{image_size, load_model, DetectorArgs};
 
 /// Arguments of `mfn-cli embed`.
 #[derive(clap::Args, Debug)]
@@ -27,7 +27,16 @@ pub struct Args {
     /// Write the JSON here instead of to standard output.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Aligned face images at the model's input size (112x112 for the presets).
+    /// The images are photos: find, align and embed the largest face of each.
+    #[arg(long)]
+    detect: bool,
+    /// With --detect, embed every face, not only the largest.
+    #[arg(long, requires = "detect")]
+    all: bool,
+    #[command(flatten)]
+    detector: DetectorArgs,
+    /// Aligned face images at the model's input size (112x112 for the presets), or photos
+    /// with --detect.
     #[arg(required = true)]
     images: Vec<PathBuf>,
 }
@@ -43,6 +52,9 @@ pub fn run(args: Args) -> Result<()> {
             missing.len(),
             list.join("\n  ")
         );
+    }
+    if args.detect {
+        return run_detect(&args, &ckpt, &model);
     }
     let rows = mfn_data::embed_images(
         &args.images,
@@ -64,6 +76,51 @@ pub fn run(args: Args) -> Result<()> {
         .zip(rows)
         .map(|(p, e)| json!({"path": p.display().to_string(), "embedding": e}))
         .collect();
+    write_output(&args, &ckpt, images)
+}
+
+/// `--detect`: photos in, one entry per face.
+fn run_detect(
+    args: &Args,
+    ckpt: &mfn_model::Checkpoint,
+    model: &mfn_model::MobileFaceNet,
+) -> Result<()> {
+    let size = image_size(model.config()).map(|v| v as u32);
+    let aligner = args.detector.aligner(size)?;
+    let pick = if args.all {
+        mfn_data::face::Pick::All
+    } else {
+        mfn_data::face::Pick::Largest
+    };
+    let mut entries = Vec::new();
+    for path in &args.images {
+        let faces = aligner.faces_in_file(path, pick)?;
+        let crops: Vec<_> = faces.iter().map(|f| &f.aligned.image).collect();
+        let x = mfn_data::face::images_to_tensor(&crops, &Device::Cpu)?;
+        let e: Vec<Vec<f32>> = if args.no_normalize {
+            model.forward(&x)?.to_vec2()?
+        } else {
+            model.embed(&x, args.flip)?.to_vec2()?
+        };
+        for (k, (f, e)) in faces.iter().zip(e).enumerate() {
+            entries.push(json!({
+                "path": path.display().to_string(),
+                "face": k,
+                "bbox": f.detection.bbox,
+                "score": f.detection.score,
+                "landmarks": f.detection.landmarks,
+                "embedding": e,
+            }));
+        }
+    }
+    write_output(args, ckpt, entries)
+}
+
+fn write_output(
+    args: &Args,
+    ckpt: &mfn_model::Checkpoint,
+    images: Vec<serde_json::Value>,
+) -> Result<()> {
     let out = json!({
         "model": ckpt.source.display().to_string(),
         "normalized": !args.no_normalize,

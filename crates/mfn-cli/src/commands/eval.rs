@@ -10,7 +10,7 @@ use mfn_data::Pairs;
 use mfn_eval::{KFoldReport, PairScores, Report};
 use serde_json::{json, Value};
 
-use super::{asset_or, image_size, load_model};
+use super::{asset_or, image_size, load_model, THRESHOLD_KEY};
 
 /// The false accept rates reported.
 const FARS: [f64; 3] = [1e-1, 1e-2, 1e-3];
@@ -45,6 +45,10 @@ pub struct Args {
     /// Draw the ROC curve (`.svg` or `.png`).
     #[arg(long)]
     roc: Option<PathBuf>,
+    /// Store the mean exact-protocol threshold in the model's metadata (`mfn.threshold`),
+    /// where `mfn-cli verify` finds it. Needs a native `.safetensors` model.
+    #[arg(long)]
+    save_threshold: bool,
 }
 
 /// Runs the command.
@@ -62,7 +66,15 @@ pub fn run(args: Args) -> Result<()> {
         })
         .with_context(|| format!("checking the images that {} names", pairs_path.display()));
     }
-    let (ckpt, model) = load_model(args.model.clone(), None)?;
+    let (mut ckpt, model) = load_model(args.model.clone(), None)?;
+    if args.save_threshold
+        && ckpt.source.extension().and_then(|e| e.to_str()) != Some("safetensors")
+    {
+        anyhow::bail!(
+            "--save-threshold writes into a native model: convert {} with `mfn-cli convert` first",
+            ckpt.source.display()
+        );
+    }
     let flip = !args.no_flip;
 
     let bar = ProgressBar::new(paths.len() as u64).with_style(
@@ -112,6 +124,24 @@ pub fn run(args: Args) -> Result<()> {
         );
         std::fs::write(path, serde_json::to_string_pretty(&out)?)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.save_threshold {
+        let t = report.exact.mean_threshold_cosine;
+        ckpt.metadata.insert(THRESHOLD_KEY.into(), format!("{t}"));
+        ckpt.metadata.insert(
+            format!("{THRESHOLD_KEY}.source"),
+            format!(
+                "mean of the {} exact-protocol fold thresholds on {} ({} pairs), flip test {}",
+                report.folds,
+                pairs_path.display(),
+                report.pairs,
+                if flip { "on" } else { "off" }
+            ),
+        );
+        let path = ckpt.source.clone();
+        ckpt.save(&path)
+            .with_context(|| format!("storing the threshold in {}", path.display()))?;
+        println!("stored threshold {t:.4} in {}", path.display());
     }
     if let Some(path) = &args.roc {
         let curve = mfn_eval::roc(&scores.scores, &scores.labels)?;

@@ -1,8 +1,10 @@
 //! One module per subcommand, plus the argument handling they share.
 
+pub mod align;
 pub mod convert;
 pub mod embed;
 pub mod eval;
+pub mod verify;
 
 use std::path::PathBuf;
 
@@ -59,4 +61,79 @@ pub fn load_model(
 pub fn image_size(config: &Config) -> [usize; 2] {
     let [h, w] = config.input_size;
     [w, h]
+}
+
+/// The metadata key of a model's verification threshold (a cosine).
+pub const THRESHOLD_KEY: &str = "mfn.threshold";
+
+/// Which face detector to use and where its weights are.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DetectorArgs {
+    /// Face detector.
+    #[arg(long, value_enum, default_value_t = DetectorKind::Mtcnn)]
+    pub detector: DetectorKind,
+    /// Detector weights: MTCNN's folder (`pnet.pt`, `rnet.pt`, `onet.pt`) or RetinaFace's
+    /// `mobilenet0.25_Final.pth` [default: under $MFN_ASSETS/models].
+    #[arg(long)]
+    pub detector_weights: Option<PathBuf>,
+    /// Smallest face to look for, in pixels.
+    #[arg(long, default_value_t = 20.0)]
+    pub min_face: f32,
+}
+
+/// The detectors `mfn-cli` knows.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DetectorKind {
+    /// MTCNN (facenet-pytorch weights): the more precise landmarks.
+    Mtcnn,
+    /// RetinaFace-MobileNet-0.25: faster on large photos.
+    Retinaface,
+}
+
+impl DetectorArgs {
+    /// A face aligner for crops of `size` (width, height) in the ArcFace layout.
+    pub fn aligner(&self, size: [u32; 2]) -> Result<mfn_data::face::FaceAligner> {
+        let device = Device::Cpu;
+        let detector = match self.detector {
+            DetectorKind::Mtcnn => {
+                let dir = asset_or(
+                    self.detector_weights.clone(),
+                    "models/mtcnn",
+                    "--detector-weights",
+                )?;
+                mfn_data::detect::Detector::mtcnn(&dir, &device)
+            }
+            DetectorKind::Retinaface => {
+                let path = asset_or(
+                    self.detector_weights.clone(),
+                    "models/retinaface-mnet025/mobilenet0.25_Final.pth",
+                    "--detector-weights",
+                )?;
+                mfn_data::detect::Detector::retinaface(&path, &device)
+            }
+        }
+        .context("loading the face detector")?;
+        let template = template_for(size)?;
+        Ok(mfn_data::face::FaceAligner {
+            detector,
+            options: mfn_data::detect::DetectorOptions {
+                min_face: self.min_face,
+                ..Default::default()
+            },
+            template,
+            size,
+        })
+    }
+}
+
+/// The landmark template for a crop size: ArcFace's (scaled as insightface does), or
+/// SphereFace's for 96x112.
+pub fn template_for(size: [u32; 2]) -> Result<mfn_data::align::Landmarks> {
+    use mfn_data::align::{template, Template};
+    let kind = if size == [96, 112] {
+        Template::Sphereface
+    } else {
+        Template::Arcface
+    };
+    Ok(template(kind, [size[0] as usize, size[1] as usize])?)
 }

@@ -40,7 +40,8 @@ impl Net {
     fn conv(&self, x: &Tensor, name: &str) -> Result<Tensor> {
         let w = &self.w[&format!("{name}.weight")];
         let b = &self.w[&format!("{name}.bias")];
-        Ok(x.conv2d(w, 0, 1, 1, 1)?.broadcast_add(&b.reshape((1, (), 1, 1))?)?)
+        Ok(x.conv2d(w, 0, 1, 1, 1)?
+            .broadcast_add(&b.reshape((1, (), 1, 1))?)?)
     }
 
     fn dense(&self, x: &Tensor, name: &str) -> Result<Tensor> {
@@ -103,7 +104,12 @@ impl Planes {
 
     /// Area resampling (`F.interpolate(mode="area")`, i.e. adaptive average pooling) of
     /// rows `y0..y1` and columns `x0..x1` to `oh x ow`, normalised as MTCNN expects.
-    fn resample(&self, (y0, y1, x0, x1): (usize, usize, usize, usize), oh: usize, ow: usize) -> Vec<f32> {
+    fn resample(
+        &self,
+        (y0, y1, x0, x1): (usize, usize, usize, usize),
+        oh: usize,
+        ow: usize,
+    ) -> Vec<f32> {
         let (ih, iw) = (y1 - y0, x1 - x0);
         let mut out = vec![0f32; 3 * oh * ow];
         for c in 0..3 {
@@ -189,7 +195,8 @@ fn crop(b: &[f32; 4], w: usize, h: usize) -> Option<(usize, usize, usize, usize)
     let y = (b[1].trunc() as i64).max(1);
     let ex = (b[2].trunc() as i64).min(w as i64);
     let ey = (b[3].trunc() as i64).min(h as i64);
-    (ey > y - 1 && ex > x - 1).then(|| ((y - 1) as usize, ey as usize, (x - 1) as usize, ex as usize))
+    (ey > y - 1 && ex > x - 1)
+        .then(|| ((y - 1) as usize, ey as usize, (x - 1) as usize, ex as usize))
 }
 
 /// MTCNN with facenet-pytorch's weights.
@@ -205,9 +212,18 @@ impl Mtcnn {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let net = |file: &str, names: &[&str]| Net::load(&dir.join(file), device, names);
         Ok(Self {
-            pnet: net("pnet.pt", &["conv1.weight", "conv4_1.weight", "conv4_2.weight"])?,
-            rnet: net("rnet.pt", &["conv1.weight", "dense4.weight", "dense5_2.weight"])?,
-            onet: net("onet.pt", &["conv1.weight", "dense5.weight", "dense6_3.weight"])?,
+            pnet: net(
+                "pnet.pt",
+                &["conv1.weight", "conv4_1.weight", "conv4_2.weight"],
+            )?,
+            rnet: net(
+                "rnet.pt",
+                &["conv1.weight", "dense4.weight", "dense5_2.weight"],
+            )?,
+            onet: net(
+                "onet.pt",
+                &["conv1.weight", "dense5.weight", "dense6_3.weight"],
+            )?,
             device: device.clone(),
         })
     }
@@ -218,7 +234,10 @@ impl Mtcnn {
         let mut scale = m;
         let mut all = Vec::new();
         while minl >= 12.0 {
-            let (h, w) = ((img.h as f32 * scale + 1.0) as usize, (img.w as f32 * scale + 1.0) as usize);
+            let (h, w) = (
+                (img.h as f32 * scale + 1.0) as usize,
+                (img.w as f32 * scale + 1.0) as usize,
+            );
             let data = img.resample((0, img.h, 0, img.w), h, w);
             let x = Tensor::from_vec(data, (1, 3, h, w), &self.device)?;
             let p = &self.pnet;
@@ -240,7 +259,12 @@ impl Mtcnn {
                     level.push(Candidate {
                         b: [q(2 * xx + 1), q(2 * yy + 1), q(2 * xx + 12), q(2 * yy + 12)],
                         score,
-                        reg: [reg[0][yy][xx], reg[1][yy][xx], reg[2][yy][xx], reg[3][yy][xx]],
+                        reg: [
+                            reg[0][yy][xx],
+                            reg[1][yy][xx],
+                            reg[2][yy][xx],
+                            reg[3][yy][xx],
+                        ],
                         points: [[0.0; 2]; 5],
                     });
                 }
@@ -265,7 +289,12 @@ impl Mtcnn {
 
     /// Crops every box, resampled to `size`, as one batch; boxes with empty crops are
     /// dropped from `boxes`.
-    fn crops(&self, img: &Planes, boxes: &mut Vec<Candidate>, size: usize) -> Result<Option<Tensor>> {
+    fn crops(
+        &self,
+        img: &Planes,
+        boxes: &mut Vec<Candidate>,
+        size: usize,
+    ) -> Result<Option<Tensor>> {
         let mut data = Vec::new();
         boxes.retain(|c| match crop(&c.b, img.w, img.h) {
             Some(r) => {
@@ -277,7 +306,11 @@ impl Mtcnn {
         if boxes.is_empty() {
             return Ok(None);
         }
-        Ok(Some(Tensor::from_vec(data, (boxes.len(), 3, size, size), &self.device)?))
+        Ok(Some(Tensor::from_vec(
+            data,
+            (boxes.len(), 3, size, size),
+            &self.device,
+        )?))
     }
 
     fn stage2(&self, img: &Planes, mut boxes: Vec<Candidate>) -> Result<Vec<Candidate>> {
@@ -291,7 +324,9 @@ impl Mtcnn {
         // facenet-pytorch flattens in (W, H, C) order.
         let y = y.permute((0, 3, 2, 1))?.contiguous()?.flatten_from(1)?;
         let y = r.prelu(&r.dense(&y, "dense4")?, "prelu4")?;
-        let prob: Vec<f32> = face_prob(&r.dense(&y, "dense5_1")?)?.flatten_all()?.to_vec1()?;
+        let prob: Vec<f32> = face_prob(&r.dense(&y, "dense5_1")?)?
+            .flatten_all()?
+            .to_vec1()?;
         let reg: Vec<Vec<f32>> = r.dense(&y, "dense5_2")?.to_vec2()?;
         let mut kept = Vec::new();
         for ((mut c, p), g) in boxes.into_iter().zip(prob).zip(reg) {
@@ -320,7 +355,9 @@ impl Mtcnn {
         let y = o.prelu(&o.conv(&y, "conv4")?, "prelu4")?;
         let y = y.permute((0, 3, 2, 1))?.contiguous()?.flatten_from(1)?;
         let y = o.prelu(&o.dense(&y, "dense5")?, "prelu5")?;
-        let prob: Vec<f32> = face_prob(&o.dense(&y, "dense6_1")?)?.flatten_all()?.to_vec1()?;
+        let prob: Vec<f32> = face_prob(&o.dense(&y, "dense6_1")?)?
+            .flatten_all()?
+            .to_vec1()?;
         let reg: Vec<Vec<f32>> = o.dense(&y, "dense6_2")?.to_vec2()?;
         let pts: Vec<Vec<f32>> = o.dense(&y, "dense6_3")?.to_vec2()?;
         let mut kept = Vec::new();

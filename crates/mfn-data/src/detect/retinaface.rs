@@ -276,7 +276,12 @@ impl RetinaFace {
 
     /// Faces with a probability of at least `score_threshold` and a box side of at least
     /// `min_face` pixels, before non-maximum suppression.
-    pub fn detect(&self, img: &RgbImage, score_threshold: f32, min_face: f32) -> Result<Vec<Detection>> {
+    pub fn detect(
+        &self,
+        img: &RgbImage,
+        score_threshold: f32,
+        min_face: f32,
+    ) -> Result<Vec<Detection>> {
         let (w, h) = img.dimensions();
         let (w, h) = (w as usize, h as usize);
         let plane = w * h;

@@ -48,13 +48,19 @@ pub fn read_state_dict(path: &Path, device: &Device) -> Result<HashMap<String, T
     };
     let mut out = HashMap::new();
     for (name, t) in tensors {
-        if matches!(t.dtype(), DType::F32 | DType::F64 | DType::F16 | DType::BF16) {
+        if matches!(
+            t.dtype(),
+            DType::F32 | DType::F64 | DType::F16 | DType::BF16
+        ) {
             let name = name.strip_prefix("module.").unwrap_or(&name).to_string();
             out.insert(name, t.to_dtype(DType::F32)?.to_device(device)?);
         }
     }
     if out.is_empty() {
-        return Err(torch_err(path, "the checkpoint holds no floating-point tensors"));
+        return Err(torch_err(
+            path,
+            "the checkpoint holds no floating-point tensors",
+        ));
     }
     Ok(out)
 }
@@ -78,7 +84,12 @@ fn read_legacy(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tensor)>> {
 
     let entries = match root {
         Object::Dict(entries) => entries,
-        _ => return Err(torch_err(path, "the checkpoint is not a state_dict (a dict of tensors)")),
+        _ => {
+            return Err(torch_err(
+                path,
+                "the checkpoint is not a state_dict (a dict of tensors)",
+            ))
+        }
     };
     // A training checkpoint may nest the weights under "state_dict".
     let entries = match entries
@@ -99,7 +110,10 @@ fn read_legacy(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tensor)>> {
     let keys: Vec<String> = match keys {
         Object::List(items) => items
             .into_iter()
-            .map(|k| k.unicode().map_err(|_| torch_err(path, "storage key is not a string")))
+            .map(|k| {
+                k.unicode()
+                    .map_err(|_| torch_err(path, "storage key is not a string"))
+            })
             .collect::<Result<_>>()?,
         _ => return Err(torch_err(path, "storage key list is not a list")),
     };
@@ -115,7 +129,10 @@ fn read_legacy(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tensor)>> {
             .get(&key)
             .ok_or_else(|| torch_err(path, format!("storage `{key}` is used by no tensor")))?;
         let head = bytes.get(pos..pos + 8).ok_or_else(|| {
-            torch_err(path, format!("truncated: storage `{key}` header at byte offset {pos}"))
+            torch_err(
+                path,
+                format!("truncated: storage `{key}` header at byte offset {pos}"),
+            )
         })?;
         let count = u64::from_le_bytes(head.try_into().unwrap_or_default()) as usize;
         let len = count
@@ -140,7 +157,12 @@ fn read_legacy(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tensor)>> {
         let data = storages[&key_of(&info.path)];
         let layout = &info.layout;
         let size = info.dtype.size_in_bytes();
-        let outside = || torch_err(path, format!("tensor `{}` lies outside its storage", info.name));
+        let outside = || {
+            torch_err(
+                path,
+                format!("tensor `{}` lies outside its storage", info.name),
+            )
+        };
         let t = if layout.is_contiguous() {
             let start = layout.start_offset();
             let len = layout.shape().elem_count() * size;
@@ -148,13 +170,18 @@ fn read_legacy(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tensor)>> {
             Tensor::from_raw_buffer(raw, info.dtype, layout.dims(), &Device::Cpu)?
         } else {
             // A view (e.g. a transposed weight): gather its elements from the storage.
-            let storage = Tensor::from_raw_buffer(data, info.dtype, &[data.len() / size], &Device::Cpu)?;
+            let storage =
+                Tensor::from_raw_buffer(data, info.dtype, &[data.len() / size], &Device::Cpu)?;
             let first = layout.start_offset() / size;
             let mut index = Vec::with_capacity(layout.shape().elem_count());
             let dims = layout.dims();
             let mut at = vec![0usize; dims.len()];
             for _ in 0..layout.shape().elem_count() {
-                let offset = first + at.iter().zip(layout.stride()).map(|(i, s)| i * s).sum::<usize>();
+                let offset = first
+                    + at.iter()
+                        .zip(layout.stride())
+                        .map(|(i, s)| i * s)
+                        .sum::<usize>();
                 if offset >= storage.elem_count() {
                     return Err(outside());
                 }

@@ -1,0 +1,93 @@
+//! `mfn-cli verify`: do two photos show the same person?
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use mfn_data::face::{images_to_tensor, Pick};
+use serde_json::json;
+
+use super::{image_size, load_model, DetectorArgs, THRESHOLD_KEY};
+
+/// Arguments of `mfn-cli verify`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model: a native `.safetensors` file or an MXNet `*-symbol.json`
+    /// [default: $MFN_ASSETS/models/mobilefacenet-y1/model-symbol.json].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Cosine threshold; "same" when the cosine is at least this
+    /// [default: the model's `mfn.threshold` metadata].
+    #[arg(long)]
+    threshold: Option<f64>,
+    /// The photos are already aligned crops at the model's input size: skip detection.
+    #[arg(long)]
+    aligned: bool,
+    /// Embed each face alone, without adding its mirror image.
+    #[arg(long)]
+    no_flip: bool,
+    /// Also write the decision as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    detector: DetectorArgs,
+    /// First photo.
+    a: PathBuf,
+    /// Second photo.
+    b: PathBuf,
+}
+
+/// Runs the command; `Ok(true)` when both photos show the same person.
+pub fn run(args: Args) -> Result<bool> {
+    let (ckpt, model) = load_model(args.model.clone(), None)?;
+    let threshold = match args.threshold {
+        Some(t) => t,
+        None => match ckpt.metadata.get(THRESHOLD_KEY) {
+            Some(t) => t
+                .parse()
+                .with_context(|| format!("{}: bad {THRESHOLD_KEY} `{t}`", ckpt.source.display()))?,
+            None => bail!(
+                "{} has no verification threshold: pass --threshold, or store one with \
+                 `mfn-cli eval --model MODEL.safetensors --save-threshold`",
+                ckpt.source.display()
+            ),
+        },
+    };
+    let size = image_size(model.config()).map(|v| v as u32);
+    let crops = if args.aligned {
+        vec![
+            mfn_data::decode_rgb(&args.a)?,
+            mfn_data::decode_rgb(&args.b)?,
+        ]
+    } else {
+        let aligner = args.detector.aligner(size)?;
+        let mut crops = Vec::new();
+        for photo in [&args.a, &args.b] {
+            let face = aligner.faces_in_file(photo, Pick::Largest)?.remove(0);
+            crops.push(face.aligned.image);
+        }
+        crops
+    };
+    let x = images_to_tensor(&[&crops[0], &crops[1]], &Device::Cpu)?;
+    let e: Vec<Vec<f32>> = model.embed(&x, !args.no_flip)?.to_vec2()?;
+    let cosine = mfn_eval::cosine(&e[0], &e[1])?;
+    let same = cosine >= threshold;
+    if same {
+        println!("same person: yes  (cosine {cosine:.2} ≥ threshold {threshold:.2})");
+    } else {
+        println!("same person: no   (cosine {cosine:.2} < threshold {threshold:.2})");
+    }
+    if let Some(path) = &args.json {
+        let out = json!({
+            "model": ckpt.source.display().to_string(),
+            "a": args.a.display().to_string(),
+            "b": args.b.display().to_string(),
+            "cosine": cosine,
+            "threshold": threshold,
+            "same": same,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(same)
+}
