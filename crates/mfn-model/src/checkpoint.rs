@@ -38,9 +38,10 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Loads a checkpoint by its path: a native `.safetensors` file, or an MXNet
+    /// Loads a checkpoint by its path: a native `.safetensors` file, an MXNet
     /// `*-symbol.json` (its `.params` found beside it and checked against `mxnet_config`,
-    /// [`Config::y1`] when `None`).
+    /// [`Config::y1`] when `None`), or an ONNX model (matched against `mxnet_config`, or
+    /// against the presets when `None`).
     pub fn load(path: &Path, mxnet_config: Option<&Config>, device: &Device) -> Result<Self> {
         if !path.exists() {
             return Err(Error::Io {
@@ -51,6 +52,18 @@ impl Checkpoint {
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         match ext {
             "safetensors" => load_native(path, device),
+            "onnx" => {
+                let (config, tensors) =
+                    crate::import::onnx::load(path, mxnet_config, None, device)?;
+                let mut metadata = BTreeMap::new();
+                metadata.insert("mfn.source".into(), "onnx".into());
+                Ok(Self {
+                    config,
+                    tensors,
+                    metadata,
+                    source: path.to_path_buf(),
+                })
+            }
             "json" => {
                 let base = mxnet_config.cloned().unwrap_or_else(Config::y1);
                 let (config, tensors) = mxnet::load(path, None, &base, device)?;
@@ -65,7 +78,7 @@ impl Checkpoint {
             }
             _ => Err(Error::Native {
                 path: path.to_path_buf(),
-                message: "unknown model format: expected a native `.safetensors` file or an MXNet `*-symbol.json`".into(),
+                message: "unknown model format: expected a native `.safetensors` file, an MXNet `*-symbol.json` or an `.onnx` model".into(),
             }),
         }
     }

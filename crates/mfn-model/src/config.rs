@@ -71,8 +71,12 @@ pub struct Config {
     pub input_size: [usize; 2],
     /// The mapping from raw RGB pixels to the network input, applied inside `forward`.
     pub input_norm: InputNorm,
-    /// Channels of the 3x3 stride-2 stem conv and of the depthwise conv after it.
+    /// Channels of the 3x3 stride-2 stem conv and of the conv after it.
     pub stem_channels: usize,
+    /// Groups of the 3x3 conv after the stem; `None` makes it depthwise (one group per
+    /// channel), as in the paper. insightface's `mbf` uses 64 groups of 2 channels.
+    #[serde(default)]
+    pub stem_groups: Option<usize>,
     /// The bottleneck table.
     pub blocks: Vec<Bottleneck>,
     /// Channels of the 1x1 conv before the global depthwise conv.
@@ -94,6 +98,7 @@ impl Config {
             input_size: [112, 112],
             input_norm: InputNorm::insightface(),
             stem_channels: 64,
+            stem_groups: None,
             blocks: vec![
                 Bottleneck::new(2, 64, 5, 2),
                 Bottleneck::new(4, 128, 1, 2),
@@ -126,17 +131,50 @@ impl Config {
         }
     }
 
-    /// A preset by name: `paper` or `y1`.
+    /// insightface arcface_torch's `mbf` (`get_mbf`: blocks (1, 4, 6, 2), scale 2), the
+    /// architecture of its public `w600k_mbf` model: a 128-channel stem, a grouped 3x3 conv
+    /// (64 groups of 2 channels) instead of a depthwise one, 512-d embeddings, BatchNorm
+    /// eps 1e-5 and input `(x - 127.5) / 127.5`.
+    pub fn mbf() -> Self {
+        Self {
+            name: "mbf".into(),
+            input_size: [112, 112],
+            input_norm: InputNorm {
+                mean: [127.5; 3],
+                scale: [1.0 / 127.5; 3],
+            },
+            stem_channels: 128,
+            stem_groups: Some(64),
+            blocks: vec![
+                Bottleneck::new(1, 128, 5, 2),
+                Bottleneck::new(2, 256, 1, 2),
+                Bottleneck::new(1, 256, 6, 1),
+                Bottleneck::new(2, 256, 1, 2),
+                Bottleneck::new(1, 256, 2, 1),
+            ],
+            last_channels: 512,
+            embedding_size: 512,
+            head: Head {
+                fc_bias: false,
+                fix_gamma: false,
+                bn_eps: 1e-5,
+            },
+            bn_eps: 1e-5,
+        }
+    }
+
+    /// A preset by name: `paper`, `y1` or `mbf`.
     pub fn preset(name: &str) -> Option<Self> {
         match name {
             "paper" => Some(Self::paper()),
             "y1" => Some(Self::y1()),
+            "mbf" => Some(Self::mbf()),
             _ => None,
         }
     }
 
     /// Names of the presets [`Config::preset`] knows.
-    pub const PRESETS: &'static [&'static str] = &["paper", "y1"];
+    pub const PRESETS: &'static [&'static str] = &["paper", "y1", "mbf"];
 
     /// The feature-map size that reaches the global depthwise conv, which is also its kernel.
     pub fn gdconv_kernel(&self) -> [usize; 2] {
@@ -169,7 +207,7 @@ impl Config {
             kernel: [3, 3],
             stride: 1,
             pad: [1, 1],
-            groups: self.stem_channels,
+            groups: self.stem_groups.unwrap_or(self.stem_channels),
             prelu: true,
             bn_eps: self.bn_eps,
         };

@@ -72,6 +72,25 @@ pub(crate) struct WindowConv {
     pub depthwise: bool,
 }
 
+/// A grouped conv that is neither dense nor depthwise (e.g. 2 channels per group), run as
+/// one depthwise pass per input channel of a group over a gathered copy of the input.
+#[derive(Clone, Debug)]
+pub(crate) struct GroupedConv {
+    /// One depthwise conv per input channel of a group; only the first carries the bias.
+    pub parts: Vec<WindowConv>,
+    pub slope: Option<Vec<f32>>,
+    pub cin: usize,
+    pub cout: usize,
+    pub groups: usize,
+}
+
+/// The conv after the stem: depthwise in MobileFaceNet, grouped in insightface's `mbf`.
+#[derive(Clone, Debug)]
+pub(crate) enum Spatial {
+    Window(WindowConv),
+    Grouped(GroupedConv),
+}
+
 /// A 1x1 conv or linear layer with folded BatchNorm: `x (M, cin) @ w (cin, cout)`.
 #[derive(Clone, Debug)]
 pub(crate) struct Pointwise {
@@ -98,7 +117,7 @@ pub(crate) struct CpuEngine {
     pub mean: [f32; 3],
     pub scale: [f32; 3],
     pub stem: WindowConv,
-    pub stem_dw: WindowConv,
+    pub stem_dw: Spatial,
     pub blocks: Vec<Block>,
     pub last: Pointwise,
     pub gdconv: WindowConv,
@@ -426,6 +445,53 @@ impl WindowConv {
             h: ho,
             w: wo,
             c: self.cout,
+        }
+    }
+}
+
+impl GroupedConv {
+    fn run(&self, x: &[f32], n: usize, s: Hwc, out: &mut Vec<f32>, parallel: bool) -> Hwc {
+        let (cin_g, cout_g) = (self.cin / self.groups, self.cout / self.groups);
+        let mut gathered = vec![0f32; n * s.h * s.w * self.cout];
+        let mut part_out = Vec::new();
+        let mut shape = s;
+        for (ci, part) in self.parts.iter().enumerate() {
+            for (g, px) in gathered
+                .chunks_exact_mut(self.cout)
+                .zip(x.chunks_exact(s.c))
+            {
+                for (o, v) in g.iter_mut().enumerate() {
+                    *v = px[(o / cout_g) * cin_g + ci];
+                }
+            }
+            let inner = Hwc { c: self.cout, ..s };
+            if ci == 0 {
+                shape = part.run(&gathered, n, inner, out, parallel);
+            } else {
+                part.run(&gathered, n, inner, &mut part_out, parallel);
+                let len = n * shape.h * shape.w * shape.c;
+                for (o, p) in out[..len].iter_mut().zip(&part_out[..len]) {
+                    *o += p;
+                }
+            }
+        }
+        if let Some(a) = &self.slope {
+            let len = n * shape.h * shape.w * shape.c;
+            for row in out[..len].chunks_exact_mut(self.cout) {
+                for (v, a) in row.iter_mut().zip(a) {
+                    *v = v.max(0.0) + a * v.min(0.0);
+                }
+            }
+        }
+        shape
+    }
+}
+
+impl Spatial {
+    fn run(&self, x: &[f32], n: usize, s: Hwc, out: &mut Vec<f32>, parallel: bool) -> Hwc {
+        match self {
+            Spatial::Window(w) => w.run(x, n, s, out, parallel),
+            Spatial::Grouped(g) => g.run(x, n, s, out, parallel),
         }
     }
 }

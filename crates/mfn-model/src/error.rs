@@ -45,6 +45,15 @@ pub enum Error {
         found: String,
     },
 
+    /// An ONNX model is malformed or holds a graph that is not a supported network.
+    #[error("{path}: {message}")]
+    Onnx {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong, naming the node where there is one.
+        message: String,
+    },
+
     /// A PyTorch checkpoint is malformed, truncated or of an unknown layout.
     #[error("{path}: {message}")]
     Torch {

@@ -231,6 +231,55 @@ impl ConvBnAct {
         })
     }
 
+    /// The unit as the engine's conv after the stem: depthwise, or grouped.
+    pub(crate) fn engine_spatial(&self) -> Result<engine::Spatial> {
+        let s = &self.spec;
+        if s.is_depthwise() {
+            return Ok(engine::Spatial::Window(self.engine_depthwise()?));
+        }
+        if s.groups == 1 {
+            return Ok(engine::Spatial::Window(self.engine_dense()?));
+        }
+        let (w, bias, slope) = self.folded_host()?;
+        let [kh, kw] = s.kernel;
+        let (cin, cout, groups) = (s.in_channels, s.out_channels, s.groups);
+        let cin_g = cin / groups;
+        let taps = kh * kw;
+        let parts = (0..cin_g)
+            .map(|ci| {
+                // Tap-major depthwise weights for input channel `ci` of every group.
+                let mut hwc = vec![0f32; taps * cout];
+                for o in 0..cout {
+                    for t in 0..taps {
+                        hwc[t * cout + o] = w[(o * cin_g + ci) * taps + t];
+                    }
+                }
+                engine::WindowConv {
+                    w: hwc,
+                    bias: if ci == 0 {
+                        bias.clone()
+                    } else {
+                        vec![0.0; cout]
+                    },
+                    slope: None,
+                    cin: cout,
+                    cout,
+                    kernel: s.kernel,
+                    stride: s.stride,
+                    pad: s.pad,
+                    depthwise: true,
+                }
+            })
+            .collect();
+        Ok(engine::Spatial::Grouped(engine::GroupedConv {
+            parts,
+            slope,
+            cin,
+            cout,
+            groups,
+        }))
+    }
+
     /// The unit as a 1x1 conv for the CPU engine.
     pub(crate) fn engine_pointwise(&self) -> Result<engine::Pointwise> {
         let s = &self.spec;

@@ -51,7 +51,7 @@ impl MobileFaceNet {
             mean: config.input_norm.mean,
             scale: config.input_norm.scale,
             stem: stem.engine_dense()?,
-            stem_dw: stem_dw.engine_depthwise()?,
+            stem_dw: stem_dw.engine_spatial()?,
             blocks: blocks
                 .iter()
                 .map(Bottleneck::engine_block)

@@ -1,0 +1,810 @@
+//! ONNX models, read in pure Rust by walking the graph.
+//!
+//! The protobuf wire format is decoded by hand for the few messages a face model needs
+//! (ModelProto, GraphProto, NodeProto, AttributeProto, TensorProto), so no `protoc` or
+//! generated code is involved. Initializers are read from `raw_data`, the typed fields, or
+//! external data files beside the model.
+//!
+//! Exporters give initializers opaque names (`onnx::Conv_548`), so weights are matched to
+//! the network by graph order: each Conv (with its BatchNormalization when not folded, and
+//! its PRelu), each residual Add, and the final Gemm/MatMul and BatchNormalization, in turn,
+//! against the layers a [`Config`] implies. A leading Sub/Mul (or Sub/Div) on the input is
+//! taken as the input normalisation, as insightface's `arcface_onnx.py` does.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use crate::config::{Config, ConvSpec, InputNorm};
+use crate::{Error, Result};
+
+fn err(path: &Path, message: impl Into<String>) -> Error {
+    Error::Onnx {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// A protobuf field: its number and its value.
+enum Field<'a> {
+    Varint(u64),
+    Fixed64(u64),
+    Bytes(&'a [u8]),
+    Fixed32(u32),
+}
+
+/// Iterates the fields of one protobuf message.
+struct Fields<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Fields<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Self { buf, pos: 0 }
+    }
+
+    fn varint(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = *self.buf.get(self.pos)?;
+            self.pos += 1;
+            v |= ((b & 0x7f) as u64) << shift;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// The next field, `Ok(None)` at the end, `Err` with the byte offset when malformed.
+    fn next_field(&mut self) -> std::result::Result<Option<(u32, Field<'a>)>, usize> {
+        if self.pos >= self.buf.len() {
+            return Ok(None);
+        }
+        let at = self.pos;
+        let key = self.varint().ok_or(at)?;
+        let number = (key >> 3) as u32;
+        let field = match key & 7 {
+            0 => Field::Varint(self.varint().ok_or(at)?),
+            1 => {
+                let b = self.buf.get(self.pos..self.pos + 8).ok_or(at)?;
+                self.pos += 8;
+                Field::Fixed64(u64::from_le_bytes(b.try_into().map_err(|_| at)?))
+            }
+            2 => {
+                let len = self.varint().ok_or(at)? as usize;
+                let end = self.pos.checked_add(len).ok_or(at)?;
+                let b = self.buf.get(self.pos..end).ok_or(at)?;
+                self.pos = end;
+                Field::Bytes(b)
+            }
+            5 => {
+                let b = self.buf.get(self.pos..self.pos + 4).ok_or(at)?;
+                self.pos += 4;
+                Field::Fixed32(u32::from_le_bytes(b.try_into().map_err(|_| at)?))
+            }
+            _ => return Err(at),
+        };
+        Ok(Some((number, field)))
+    }
+}
+
+/// Visits every field of a message; `what` names it in errors.
+fn each_field<'a>(
+    buf: &'a [u8],
+    path: &Path,
+    what: &str,
+    mut f: impl FnMut(u32, Field<'a>) -> Result<()>,
+) -> Result<()> {
+    let mut it = Fields::new(buf);
+    loop {
+        match it.next_field() {
+            Ok(Some((n, v))) => f(n, v)?,
+            Ok(None) => return Ok(()),
+            Err(at) => {
+                return Err(err(
+                    path,
+                    format!("malformed {what} at byte {at} of the message"),
+                ))
+            }
+        }
+    }
+}
+
+fn string(b: &[u8], path: &Path) -> Result<String> {
+    String::from_utf8(b.to_vec()).map_err(|_| err(path, "a name is not UTF-8"))
+}
+
+/// Repeated int64: packed (bytes) or one varint per field.
+fn push_ints(v: Field, out: &mut Vec<i64>, path: &Path) -> Result<()> {
+    match v {
+        Field::Varint(x) => out.push(x as i64),
+        Field::Bytes(b) => {
+            let mut f = Fields::new(b);
+            while f.pos < b.len() {
+                out.push(
+                    f.varint()
+                        .ok_or_else(|| err(path, "malformed packed ints"))?
+                        as i64,
+                );
+            }
+        }
+        _ => return Err(err(path, "ints field of the wrong wire type")),
+    }
+    Ok(())
+}
+
+/// Repeated float: packed or one fixed32 per field.
+fn push_floats(v: Field, out: &mut Vec<f32>, path: &Path) -> Result<()> {
+    match v {
+        Field::Fixed32(x) => out.push(f32::from_bits(x)),
+        Field::Bytes(b) => {
+            if b.len() % 4 != 0 {
+                return Err(err(
+                    path,
+                    "packed floats whose length is not a multiple of 4",
+                ));
+            }
+            out.extend(
+                b.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
+        }
+        _ => return Err(err(path, "floats field of the wrong wire type")),
+    }
+    Ok(())
+}
+
+/// A float tensor from an initializer.
+#[derive(Clone, Debug)]
+struct Array {
+    dims: Vec<usize>,
+    data: Vec<f32>,
+}
+
+fn parse_tensor(buf: &[u8], path: &Path) -> Result<(String, Array)> {
+    let mut dims = Vec::new();
+    let mut dtype = 0i64;
+    let mut name = String::new();
+    let mut raw: Option<&[u8]> = None;
+    let mut floats = Vec::new();
+    let mut doubles = Vec::new();
+    let mut int64s = Vec::new();
+    let mut external: HashMap<String, String> = HashMap::new();
+    each_field(buf, path, "TensorProto", |n, v| {
+        match (n, v) {
+            (1, v) => push_ints(v, &mut dims, path)?,
+            (2, Field::Varint(t)) => dtype = t as i64,
+            (4, v) => push_floats(v, &mut floats, path)?,
+            (7, v) => push_ints(v, &mut int64s, path)?,
+            (8, Field::Bytes(b)) => name = string(b, path)?,
+            (9, Field::Bytes(b)) => raw = Some(b),
+            (10, Field::Fixed64(x)) => doubles.push(f64::from_bits(x)),
+            (10, Field::Bytes(b)) => doubles.extend(
+                b.chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default())),
+            ),
+            (13, Field::Bytes(b)) => {
+                let (mut k, mut val) = (String::new(), String::new());
+                each_field(b, path, "external data entry", |n, v| {
+                    match (n, v) {
+                        (1, Field::Bytes(s)) => k = string(s, path)?,
+                        (2, Field::Bytes(s)) => val = string(s, path)?,
+                        _ => {}
+                    }
+                    Ok(())
+                })?;
+                external.insert(k, val);
+            }
+            _ => {}
+        }
+        Ok(())
+    })?;
+    let dims: Vec<usize> = dims
+        .iter()
+        .map(|d| {
+            usize::try_from(*d).map_err(|_| err(path, format!("tensor `{name}` has dimension {d}")))
+        })
+        .collect::<Result<_>>()?;
+    let count = dims
+        .iter()
+        .try_fold(1usize, |a, d| a.checked_mul(*d))
+        .ok_or_else(|| err(path, format!("tensor `{name}` is too large")))?;
+    let ext_bytes;
+    let raw = if let Some(location) = external.get("location") {
+        let file = path.parent().unwrap_or(Path::new(".")).join(location);
+        let all = std::fs::read(&file).map_err(|source| Error::Io {
+            path: file.clone(),
+            source,
+        })?;
+        let offset: usize = external
+            .get("offset")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let length: usize = external
+            .get("length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(all.len().saturating_sub(offset));
+        ext_bytes = all
+            .get(offset..offset.saturating_add(length))
+            .ok_or_else(|| {
+                err(
+                    &file,
+                    format!("external data of `{name}` lies past the end"),
+                )
+            })?
+            .to_vec();
+        Some(&ext_bytes[..])
+    } else {
+        raw
+    };
+    let data: Vec<f32> = match (dtype, raw) {
+        (1, Some(b)) => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        (11, Some(b)) => b
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default()) as f32)
+            .collect(),
+        (7, Some(b)) => b
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()) as f32)
+            .collect(),
+        (1, None) => floats,
+        (11, None) => doubles.iter().map(|v| *v as f32).collect(),
+        (7, None) => int64s.iter().map(|v| *v as f32).collect(),
+        (t, _) => {
+            return Err(err(
+                path,
+                format!("tensor `{name}` has data type {t}, not float"),
+            ))
+        }
+    };
+    if data.len() != count {
+        return Err(err(
+            path,
+            format!(
+                "tensor `{name}` holds {} values, its shape {dims:?} needs {count}",
+                data.len()
+            ),
+        ));
+    }
+    Ok((name, Array { dims, data }))
+}
+
+/// One node of the graph.
+#[derive(Clone, Debug, Default)]
+struct Node {
+    name: String,
+    op: String,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    ints: HashMap<String, Vec<i64>>,
+    floats: HashMap<String, f32>,
+}
+
+fn parse_node(buf: &[u8], path: &Path) -> Result<Node> {
+    let mut node = Node::default();
+    each_field(buf, path, "NodeProto", |n, v| {
+        match (n, v) {
+            (1, Field::Bytes(b)) => node.inputs.push(string(b, path)?),
+            (2, Field::Bytes(b)) => node.outputs.push(string(b, path)?),
+            (3, Field::Bytes(b)) => node.name = string(b, path)?,
+            (4, Field::Bytes(b)) => node.op = string(b, path)?,
+            (5, Field::Bytes(b)) => {
+                let mut name = String::new();
+                let mut ints = Vec::new();
+                let mut float = None;
+                each_field(b, path, "AttributeProto", |n, v| {
+                    match (n, v) {
+                        (1, Field::Bytes(s)) => name = string(s, path)?,
+                        (2, Field::Fixed32(x)) => float = Some(f32::from_bits(x)),
+                        (3, Field::Varint(x)) => ints.push(x as i64),
+                        (8, v) => push_ints(v, &mut ints, path)?,
+                        _ => {}
+                    }
+                    Ok(())
+                })?;
+                if let Some(f) = float {
+                    node.floats.insert(name.clone(), f);
+                }
+                node.ints.insert(name, ints);
+            }
+            _ => {}
+        }
+        Ok(())
+    })?;
+    // Unnamed nodes are known by what they compute.
+    if node.name.is_empty() {
+        node.name = node.outputs.first().cloned().unwrap_or_default();
+    }
+    Ok(node)
+}
+
+/// The parts of a model a face network needs.
+struct Graph {
+    nodes: Vec<Node>,
+    init: HashMap<String, Array>,
+}
+
+fn parse_model(bytes: &[u8], path: &Path) -> Result<Graph> {
+    let mut graph: Option<&[u8]> = None;
+    each_field(bytes, path, "ModelProto", |n, v| {
+        if let (7, Field::Bytes(b)) = (n, v) {
+            graph = Some(b);
+        }
+        Ok(())
+    })
+    .map_err(|_| err(path, "not an ONNX model (cannot parse the ModelProto)"))?;
+    let graph = graph.ok_or_else(|| err(path, "not an ONNX model (no graph)"))?;
+    let mut nodes = Vec::new();
+    let mut init = HashMap::new();
+    each_field(graph, path, "GraphProto", |n, v| {
+        match (n, v) {
+            (1, Field::Bytes(b)) => nodes.push(parse_node(b, path)?),
+            (5, Field::Bytes(b)) => {
+                let (name, a) = parse_tensor(b, path)?;
+                init.insert(name, a);
+            }
+            _ => {}
+        }
+        Ok(())
+    })?;
+    Ok(Graph { nodes, init })
+}
+
+/// A conv as found in the graph, with what follows it.
+struct ConvUnit {
+    node: String,
+    weight: Array,
+    bias: Option<Array>,
+    /// gamma, beta, mean, var, eps.
+    bn: Option<(Array, Array, Array, Array, f32)>,
+    slope: Option<Array>,
+    groups: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    pads: [usize; 4],
+}
+
+/// What the graph computes, in order.
+#[allow(clippy::large_enum_variant)] // a few dozen per model, built once
+enum Layer {
+    Conv(Box<ConvUnit>),
+    Add(String),
+    Linear {
+        node: String,
+        /// `[out, in]`.
+        weight: Array,
+        bias: Option<Array>,
+        bn: Option<(Array, Array, Array, Array, f32)>,
+    },
+}
+
+/// Walks the graph into layers and the input normalisation it applies, if any.
+fn layers(g: &Graph, path: &Path) -> Result<(Vec<Layer>, Option<InputNorm>)> {
+    // Identity nodes only alias tensors (exporters use them to share initializers).
+    let mut alias: HashMap<&str, &str> = HashMap::new();
+    for n in &g.nodes {
+        if n.op == "Identity" && n.inputs.len() == 1 && n.outputs.len() == 1 {
+            alias.insert(&n.outputs[0], &n.inputs[0]);
+        }
+    }
+    let resolve = |name: &str| -> Option<&Array> {
+        let mut name = name;
+        for _ in 0..16 {
+            if let Some(a) = g.init.get(name) {
+                return Some(a);
+            }
+            name = alias.get(name)?;
+        }
+        None
+    };
+    let weight = |node: &Node, i: usize| -> Result<Array> {
+        let name = node.inputs.get(i).ok_or_else(|| {
+            err(
+                path,
+                format!("node `{}` ({}) lacks input {i}", node.name, node.op),
+            )
+        })?;
+        resolve(name).cloned().ok_or_else(|| {
+            err(
+                path,
+                format!(
+                    "node `{}` ({}): input `{name}` is not a constant",
+                    node.name, node.op
+                ),
+            )
+        })
+    };
+    let scalar = |node: &Node| -> Option<f32> {
+        node.inputs
+            .iter()
+            .find_map(|i| resolve(i))
+            .filter(|a| a.data.len() == 1)
+            .map(|a| a.data[0])
+    };
+    let mut out: Vec<Layer> = Vec::new();
+    let mut norm: Option<InputNorm> = None;
+    let mut pending_sub: Option<f32> = None;
+    for n in &g.nodes {
+        let bn_of = |n: &Node| -> Result<(Array, Array, Array, Array, f32)> {
+            Ok((
+                weight(n, 1)?,
+                weight(n, 2)?,
+                weight(n, 3)?,
+                weight(n, 4)?,
+                n.floats.get("epsilon").copied().unwrap_or(1e-5),
+            ))
+        };
+        match n.op.as_str() {
+            "Identity" | "Flatten" | "Reshape" | "Dropout" => {}
+            "Sub" if out.is_empty() => pending_sub = scalar(n),
+            "Mul" | "Div" if out.is_empty() => {
+                let v = scalar(n).ok_or_else(|| {
+                    err(path, format!("node `{}`: {} by a non-scalar", n.name, n.op))
+                })?;
+                let scale = if n.op == "Div" { 1.0 / v } else { v };
+                norm = Some(InputNorm {
+                    mean: [pending_sub.unwrap_or(0.0); 3],
+                    scale: [scale; 3],
+                });
+            }
+            "Conv" => {
+                let ints = |k: &str, d: Vec<i64>| n.ints.get(k).cloned().unwrap_or(d);
+                let w = weight(n, 1)?;
+                let k = ints(
+                    "kernel_shape",
+                    w.dims.iter().skip(2).map(|d| *d as i64).collect(),
+                );
+                let s = ints("strides", vec![1, 1]);
+                let p = ints("pads", vec![0, 0, 0, 0]);
+                if k.len() != 2
+                    || s.len() != 2
+                    || p.len() != 4
+                    || ints("dilations", vec![1, 1]) != [1, 1]
+                {
+                    return Err(err(
+                        path,
+                        format!(
+                            "node `{}`: only 2-d convs without dilation are supported",
+                            n.name
+                        ),
+                    ));
+                }
+                out.push(Layer::Conv(Box::new(ConvUnit {
+                    node: n.name.clone(),
+                    weight: w,
+                    bias: if n.inputs.len() > 2 {
+                        Some(weight(n, 2)?)
+                    } else {
+                        None
+                    },
+                    bn: None,
+                    slope: None,
+                    groups: ints("group", vec![1])[0].max(1) as usize,
+                    kernel: [k[0] as usize, k[1] as usize],
+                    stride: [s[0] as usize, s[1] as usize],
+                    pads: [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize],
+                })));
+            }
+            "BatchNormalization" => {
+                match out.last_mut() {
+                    Some(Layer::Conv(c)) if c.bn.is_none() && c.slope.is_none() => {
+                        c.bn = Some(bn_of(n)?)
+                    }
+                    Some(Layer::Linear { bn, .. }) if bn.is_none() => *bn = Some(bn_of(n)?),
+                    _ => return Err(err(
+                        path,
+                        format!(
+                            "node `{}`: a BatchNormalization that follows no conv or linear layer",
+                            n.name
+                        ),
+                    )),
+                }
+            }
+            "PRelu" => match out.last_mut() {
+                Some(Layer::Conv(c)) if c.slope.is_none() => c.slope = Some(weight(n, 1)?),
+                _ => {
+                    return Err(err(
+                        path,
+                        format!("node `{}`: a PRelu that follows no conv", n.name),
+                    ))
+                }
+            },
+            "Add" => out.push(Layer::Add(n.name.clone())),
+            "Gemm" => {
+                let mut w = weight(n, 1)?;
+                let trans_b = n
+                    .ints
+                    .get("transB")
+                    .map(|v| v.first() == Some(&1))
+                    .unwrap_or(false);
+                if !trans_b {
+                    w = transpose(&w, path, &n.name)?;
+                }
+                out.push(Layer::Linear {
+                    node: n.name.clone(),
+                    weight: w,
+                    bias: if n.inputs.len() > 2 {
+                        Some(weight(n, 2)?)
+                    } else {
+                        None
+                    },
+                    bn: None,
+                });
+            }
+            "MatMul" => out.push(Layer::Linear {
+                node: n.name.clone(),
+                weight: transpose(&weight(n, 1)?, path, &n.name)?,
+                bias: None,
+                bn: None,
+            }),
+            other => {
+                return Err(err(
+                    path,
+                    format!(
+                        "node `{}` has op `{other}`, which a MobileFaceNet does not use",
+                        n.name
+                    ),
+                ))
+            }
+        }
+    }
+    Ok((out, norm))
+}
+
+fn transpose(a: &Array, path: &Path, node: &str) -> Result<Array> {
+    let [r, c] = a.dims[..] else {
+        return Err(err(
+            path,
+            format!(
+                "node `{node}`: weight of shape {:?} is not a matrix",
+                a.dims
+            ),
+        ));
+    };
+    let mut data = vec![0f32; r * c];
+    for i in 0..r {
+        for j in 0..c {
+            data[j * r + i] = a.data[i * c + j];
+        }
+    }
+    Ok(Array {
+        dims: vec![c, r],
+        data,
+    })
+}
+
+/// Weights of a model file, named for `config`, with the config as the graph defines it.
+fn assign(
+    layers: Vec<Layer>,
+    norm: Option<InputNorm>,
+    config: &Config,
+    path: &Path,
+) -> Result<(Config, HashMap<String, Array>)> {
+    let mut config = config.clone();
+    if let Some(n) = norm {
+        config.input_norm = n;
+    }
+    let plan = config.plan();
+    let convs: Vec<&ConvSpec> = plan.convs().collect();
+    let residuals: Vec<bool> = std::iter::repeat_n(false, 2)
+        .chain(plan.blocks.iter().flat_map(|b| [false, false, b.residual]))
+        .chain([false, false])
+        .collect();
+    let mut out: HashMap<String, Array> = HashMap::new();
+    let mut it = layers.into_iter().peekable();
+    let mismatch = |node: &str, what: String| Error::GraphMismatch {
+        path: path.to_path_buf(),
+        node: node.to_string(),
+        expected: format!("{what} (config `{}`)", config.name),
+        found: "something else".into(),
+    };
+    for (spec, residual) in convs.iter().zip(&residuals) {
+        let Some(Layer::Conv(c)) = it.next() else {
+            return Err(mismatch("(end of graph)", format!("conv `{}`", spec.name)));
+        };
+        let want_w = [
+            spec.out_channels,
+            spec.in_channels / spec.groups,
+            spec.kernel[0],
+            spec.kernel[1],
+        ];
+        let ok = c.weight.dims == want_w
+            && c.groups == spec.groups
+            && c.kernel == spec.kernel
+            && c.stride == [spec.stride; 2]
+            && c.pads == [spec.pad[0], spec.pad[1], spec.pad[0], spec.pad[1]]
+            && c.slope.is_some() == spec.prelu;
+        if !ok {
+            return Err(Error::GraphMismatch {
+                path: path.to_path_buf(),
+                node: c.node.clone(),
+                expected: format!(
+                    "`{}`: weight {want_w:?}, groups {}, stride {}, pad {:?}, PReLU {}",
+                    spec.name, spec.groups, spec.stride, spec.pad, spec.prelu
+                ),
+                found: format!(
+                    "weight {:?}, groups {}, stride {:?}, pads {:?}, PReLU {}",
+                    c.weight.dims,
+                    c.groups,
+                    c.stride,
+                    c.pads,
+                    c.slope.is_some()
+                ),
+            });
+        }
+        let cout = spec.out_channels;
+        let vector = |v: Vec<f32>| Array {
+            dims: vec![cout],
+            data: v,
+        };
+        let (gamma, beta, mean, var) = match (c.bn, c.bias) {
+            (Some((g, b, m, v, eps)), conv_bias) => {
+                // A conv bias before BatchNorm shifts the mean it subtracts.
+                let m = match conv_bias {
+                    Some(cb) => vector(m.data.iter().zip(&cb.data).map(|(m, b)| m - b).collect()),
+                    None => m,
+                };
+                // Rescale the variance so that our eps gives the graph's eps.
+                let v = vector(
+                    v.data
+                        .iter()
+                        .map(|v| v + eps - spec.bn_eps as f32)
+                        .collect(),
+                );
+                (g, b, m, v)
+            }
+            // BatchNorm folded into the conv: an identity BatchNorm whose beta is the bias.
+            (None, bias) => (
+                vector(vec![1.0; cout]),
+                bias.unwrap_or_else(|| vector(vec![0.0; cout])),
+                vector(vec![0.0; cout]),
+                vector(vec![1.0 - spec.bn_eps as f32; cout]),
+            ),
+        };
+        let w = Array {
+            dims: want_w.to_vec(),
+            data: c.weight.data,
+        };
+        out.insert(spec.weight_name(), w);
+        for (part, a) in [
+            ("gamma", gamma),
+            ("beta", beta),
+            ("moving_mean", mean),
+            ("moving_var", var),
+        ] {
+            out.insert(format!("{}_{part}", spec.bn_name()), vector(a.data));
+        }
+        if let Some(s) = c.slope {
+            let data = if s.data.len() == 1 {
+                vec![s.data[0]; cout]
+            } else {
+                s.data
+            };
+            if data.len() != cout {
+                return Err(mismatch(&c.node, format!("{cout} PReLU slopes")));
+            }
+            out.insert(spec.prelu_name(), vector(data));
+        }
+        if *residual {
+            match it.next() {
+                Some(Layer::Add(_)) => {}
+                _ => {
+                    return Err(mismatch(
+                        &c.node,
+                        format!("a residual Add after `{}`", spec.name),
+                    ))
+                }
+            }
+        }
+    }
+    let e = &plan.embedding;
+    let Some(Layer::Linear {
+        node,
+        weight,
+        bias,
+        bn,
+    }) = it.next()
+    else {
+        return Err(mismatch(
+            "(end of graph)",
+            "the embedding layer (Gemm or MatMul)".into(),
+        ));
+    };
+    if weight.dims != [e.out_features, e.in_features] || bias.is_some() != e.bias {
+        return Err(mismatch(
+            &node,
+            format!(
+                "a {}x{} linear layer, bias {}",
+                e.out_features, e.in_features, e.bias
+            ),
+        ));
+    }
+    let Some((g, b, m, v, eps)) = bn else {
+        return Err(mismatch(
+            &node,
+            "a BatchNormalization after the embedding layer".into(),
+        ));
+    };
+    config.head.bn_eps = eps as f64;
+    config.head.fix_gamma = false;
+    out.insert(crate::config::EmbeddingSpec::WEIGHT.into(), weight);
+    if let Some(b) = bias {
+        out.insert(crate::config::EmbeddingSpec::BIAS.into(), b);
+    }
+    for (part, a) in [
+        ("gamma", g),
+        ("beta", b),
+        ("moving_mean", m),
+        ("moving_var", v),
+    ] {
+        out.insert(format!("{}_{part}", crate::config::EmbeddingSpec::BN), a);
+    }
+    if let Some(extra) = it.next() {
+        let node = match extra {
+            Layer::Conv(c) => c.node,
+            Layer::Add(n) | Layer::Linear { node: n, .. } => n,
+        };
+        return Err(mismatch(&node, "the end of the graph".into()));
+    }
+    Ok((config, out))
+}
+
+/// Reads an ONNX MobileFaceNet. With `config`, the graph must match it; without, the
+/// presets `y1`, `mbf` and `paper` are tried in turn. `input_norm` overrides the
+/// normalisation for graphs that do not apply one themselves (insightface's convention,
+/// `(x - 127.5) / 127.5`, is the default then).
+pub fn load(
+    path: &Path,
+    config: Option<&Config>,
+    input_norm: Option<InputNorm>,
+    device: &Device,
+) -> Result<(Config, HashMap<String, Tensor>)> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let g = parse_model(&bytes, path)?;
+    let (_, norm) = layers(&g, path)?;
+    let norm = input_norm.or(norm).unwrap_or(InputNorm {
+        mean: [127.5; 3],
+        scale: [1.0 / 127.5; 3],
+    });
+    let candidates: Vec<Config> = match config {
+        Some(c) => vec![c.clone()],
+        None => ["y1", "mbf", "paper"]
+            .iter()
+            .filter_map(|n| Config::preset(n))
+            .collect(),
+    };
+    let mut first_err = None;
+    for c in &candidates {
+        // Matching consumes the layers, so each candidate walks the graph afresh.
+        let (found, _) = layers(&g, path)?;
+        match assign(found, Some(norm.clone()), c, path) {
+            Ok((config, arrays)) => {
+                let tensors = arrays
+                    .into_iter()
+                    .map(|(k, a)| Ok((k, Tensor::from_vec(a.data, a.dims, device)?)))
+                    .collect::<Result<HashMap<_, _>>>()?;
+                return Ok((config, tensors));
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_err.unwrap_or_else(|| err(path, "no config to match")))
+}
+
+/// Parses the graph of an ONNX model in memory and reports what does not fit a
+/// MobileFaceNet: for fuzzing and for validating files without loading weights.
+pub fn check(bytes: &[u8], path: &Path) -> Result<usize> {
+    let g = parse_model(bytes, path)?;
+    Ok(layers(&g, path)?.0.len())
+}
