@@ -9,13 +9,15 @@ use super::{load_model, THRESHOLD_KEY};
 /// Arguments of `mfn-cli convert`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Source checkpoint: an MXNet `*-symbol.json` (its `.params` beside it) or a native file.
+    /// Source checkpoint: an MXNet `*-symbol.json` (its `.params` beside it), an `.onnx`
+    /// model or a native file.
     input: PathBuf,
     /// The native `.safetensors` file to write.
     output: PathBuf,
-    /// Config preset the source graph is checked against (`y1`, `paper`).
-    #[arg(long, default_value = "y1")]
-    preset: String,
+    /// Config preset the source graph is checked against (`y1`, `mbf`, `paper`)
+    /// [default: `y1` for MXNet; for ONNX, the preset the graph matches].
+    #[arg(long)]
+    preset: Option<String>,
     /// Verification threshold (a cosine) to store in the model's metadata; `mfn-cli eval
     /// --save-threshold` measures one on LFW instead.
     #[arg(long)]
@@ -25,7 +27,7 @@ pub struct Args {
 /// Runs the command.
 pub fn run(args: Args) -> Result<()> {
     // Building the network proves the weights fit the config before anything is written.
-    let (mut ckpt, _model) = load_model(Some(args.input.clone()), Some(&args.preset))?;
+    let (mut ckpt, _model) = load_model(Some(args.input.clone()), args.preset.as_deref())?;
     if let Some(t) = args.threshold {
         anyhow::ensure!(
             (-1.0..=1.0).contains(&t),

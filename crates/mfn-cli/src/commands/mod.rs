@@ -32,8 +32,8 @@ pub fn asset_or(explicit: Option<PathBuf>, rel: &str, flag: &str) -> Result<Path
 /// The default model: insightface's MobileFaceNet y1 under the assets folder.
 pub const DEFAULT_MODEL: &str = "models/mobilefacenet-y1/model-symbol.json";
 
-/// Loads a checkpoint by path (`--preset` picks the config an MXNet symbol is checked
-/// against) and builds the network on the CPU.
+/// Loads a checkpoint by path (`preset` picks the config an MXNet symbol or ONNX graph is
+/// checked against) and builds the network on the CPU.
 pub fn load_model(
     model: Option<PathBuf>,
     preset: Option<&str>,
