@@ -214,7 +214,20 @@ fn parse_tensor(buf: &[u8], path: &Path) -> Result<(String, Array)> {
         .ok_or_else(|| err(path, format!("tensor `{name}` is too large")))?;
     let ext_bytes;
     let raw = if let Some(location) = external.get("location") {
-        let file = path.parent().unwrap_or(Path::new(".")).join(location);
+        // External data must sit beside the model: a location that climbs out of its
+        // folder or is absolute would let a model file read any file on the machine.
+        let rel = Path::new(location);
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(err(
+                path,
+                format!("tensor `{name}`: external data location `{location}` is outside the model's folder"),
+            ));
+        }
+        let file = path.parent().unwrap_or(Path::new(".")).join(rel);
         let all = std::fs::read(&file).map_err(|source| Error::Io {
             path: file.clone(),
             source,
@@ -491,21 +504,21 @@ fn layers(g: &Graph, path: &Path) -> Result<(Vec<Layer>, Option<InputNorm>)> {
                     pads: [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize],
                 })));
             }
-            "BatchNormalization" => {
-                match out.last_mut() {
-                    Some(Layer::Conv(c)) if c.bn.is_none() && c.slope.is_none() => {
-                        c.bn = Some(bn_of(n)?)
-                    }
-                    Some(Layer::Linear { bn, .. }) if bn.is_none() => *bn = Some(bn_of(n)?),
-                    _ => return Err(err(
+            "BatchNormalization" => match out.last_mut() {
+                Some(Layer::Conv(c)) if c.bn.is_none() && c.slope.is_none() => {
+                    c.bn = Some(bn_of(n)?)
+                }
+                Some(Layer::Linear { bn, .. }) if bn.is_none() => *bn = Some(bn_of(n)?),
+                _ => {
+                    return Err(err(
                         path,
                         format!(
                             "node `{}`: a BatchNormalization that follows no conv or linear layer",
                             n.name
                         ),
-                    )),
+                    ))
                 }
-            }
+            },
             "PRelu" => match out.last_mut() {
                 Some(Layer::Conv(c)) if c.slope.is_none() => c.slope = Some(weight(n, 1)?),
                 _ => {
