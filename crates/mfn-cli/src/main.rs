@@ -18,7 +18,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Runs the LFW pair protocol: 10-fold accuracy, ROC, AUC, EER and TAR@FAR.
+    /// Runs the LFW pair protocol (pairs.txt or an insightface `.bin` set): 10-fold
+    /// accuracy, ROC, AUC, EER and TAR@FAR.
     Eval(commands::eval::Args),
     /// Writes embeddings of aligned face images as JSON.
     Embed(commands::embed::Args),
@@ -28,6 +29,8 @@ enum Command {
     Align(commands::align::Args),
     /// Decides whether two photos show the same person: exit 0 yes, 1 no, 2 error.
     Verify(commands::verify::Args),
+    /// Packs a pair list and its images as an insightface `.bin` verification set.
+    PackBin(commands::pack_bin::Args),
 }
 
 fn main() {
@@ -48,6 +51,7 @@ fn main() {
         Command::Convert(args) => commands::convert::run(args).map(|_| 0),
         Command::Align(args) => commands::align::run(args).map(|_| 0),
         Command::Verify(args) => commands::verify::run(args).map(|same| if same { 0 } else { 1 }),
+        Command::PackBin(args) => commands::pack_bin::run(args).map(|_| 0),
     };
     match result {
         Ok(code) => std::process::exit(code),

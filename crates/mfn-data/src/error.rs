@@ -109,6 +109,68 @@ pub enum Error {
         message: String,
     },
 
+    /// A RecordIO (`.rec`) file is malformed where a record should be.
+    #[error("{path}: byte {offset}: {message}")]
+    RecordIo {
+        /// The `.rec` file.
+        path: PathBuf,
+        /// Byte offset of the record (or frame) at fault.
+        offset: u64,
+        /// What was wrong.
+        message: String,
+    },
+
+    /// A line of a RecordIO index (`.idx`) file is malformed or points outside the `.rec`.
+    #[error("{path}:{line}: {message}")]
+    RecordIndex {
+        /// The `.idx` file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What was wrong.
+        message: String,
+    },
+
+    /// A record, image or class was asked for that a file or dataset does not have.
+    #[error("{path}: {message}")]
+    NoSuchItem {
+        /// The file or folder asked.
+        path: PathBuf,
+        /// What was missing.
+        message: String,
+    },
+
+    /// An image folder cannot be a dataset: no class folders, or a class without images.
+    #[error("{path}: {message}")]
+    ImageFolder {
+        /// The folder at fault.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+
+    /// A pickle (an insightface `.bin` set) is malformed, truncated, or asks for something
+    /// the safe reader refuses, such as a global other than `_codecs encode`.
+    #[error("{path}: byte {offset}: {message}")]
+    Pickle {
+        /// The pickle file.
+        path: PathBuf,
+        /// Byte offset of the opcode at fault.
+        offset: u64,
+        /// What was wrong.
+        message: String,
+    },
+
+    /// A `.bin` verification set is a valid pickle of the wrong shape: not
+    /// `(list of bytes, list of bools)` with two images per pair.
+    #[error("{path}: {message}")]
+    BinSet {
+        /// The `.bin` file.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+
     /// The tensor library failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

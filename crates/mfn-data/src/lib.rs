@@ -3,14 +3,21 @@
 
 pub mod align;
 pub mod assets;
+pub mod bin_set;
+pub mod dataset;
 pub mod detect;
 mod error;
 pub mod face;
 pub mod image;
 pub mod loader;
 pub mod pairs;
+pub mod recordio;
 
+pub use bin_set::BinSet;
+pub use dataset::{Dataset, ImageFolder, RecordDataset};
 pub use error::{Error, Result};
+pub use image::decode_rgb_bytes;
 pub use image::{decode_rgb, load_batch, missing_files};
+pub use loader::{embed_batches, embed_encoded};
 pub use loader::{embed_images, Batch, BatchLoader};
 pub use pairs::{ImageRef, Pair, Pairs};

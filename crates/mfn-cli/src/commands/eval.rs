@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use mfn_data::Pairs;
+use mfn_data::{BinSet, Pairs};
 use mfn_eval::{KFoldReport, PairScores, Report};
 use serde_json::{json, Value};
 
@@ -29,6 +29,14 @@ pub struct Args {
     /// [default: $MFN_ASSETS/lfw/aligned-112x112].
     #[arg(long)]
     images: Option<PathBuf>,
+    /// An insightface verification set (`lfw.bin`, `cfp_fp.bin`, `agedb_30.bin`, ...)
+    /// instead of a pairs file and image folder.
+    #[arg(long, conflicts_with_all = ["pairs", "images"])]
+    bin: Option<PathBuf>,
+    /// With --bin: the number of folds of consecutive pairs, as insightface splits them
+    /// [default: 10].
+    #[arg(long, requires = "bin")]
+    folds: Option<usize>,
     /// Extension of the image files.
     #[arg(long, default_value = "jpg")]
     ext: String,
@@ -51,21 +59,48 @@ pub struct Args {
     save_threshold: bool,
 }
 
+/// The pairs to evaluate, checked before the model is loaded.
+enum Input {
+    /// `pairs.txt` and an image folder: each image is embedded once, folds from the file.
+    Pairs {
+        path: PathBuf,
+        pairs: Pairs,
+        /// Every image once.
+        images: Vec<PathBuf>,
+        /// Each pair's two positions in `images`.
+        index: Vec<[usize; 2]>,
+    },
+    /// An insightface `.bin` set: every image embedded in file order, folds of consecutive
+    /// pairs as insightface's `KFold(shuffle=False)` makes them.
+    Bin {
+        path: PathBuf,
+        set: BinSet,
+        folds: usize,
+    },
+}
+
 /// Runs the command.
 pub fn run(args: Args) -> Result<()> {
-    let pairs_path = asset_or(args.pairs.clone(), "lfw/pairs.txt", "--pairs")?;
-    let root = asset_or(args.images.clone(), "lfw/aligned-112x112", "--images")?;
-    let pairs = Pairs::read(&pairs_path)?;
-    let (unique, index) = pairs.index();
-    let paths: Vec<PathBuf> = unique.iter().map(|r| r.path(&root, &args.ext)).collect();
-    let missing = mfn_data::missing_files(&paths);
-    if !missing.is_empty() {
-        return Err(mfn_data::Error::MissingImages {
-            root: root.clone(),
-            paths: missing,
-        })
-        .with_context(|| format!("checking the images that {} names", pairs_path.display()));
-    }
+    let input = match &args.bin {
+        Some(path) => {
+            let set = BinSet::read(path).context("reading the verification set")?;
+            let folds = args.folds.unwrap_or(10);
+            if folds == 0 || folds > set.pairs() {
+                anyhow::bail!(
+                    "--folds {folds}: {} has {} pairs, so 1 to {} folds",
+                    path.display(),
+                    set.pairs(),
+                    set.pairs()
+                );
+            }
+            Input::Bin {
+                set,
+                path: path.clone(),
+                folds,
+            }
+        }
+        None => Input::pairs(&args)?,
+    };
     let (mut ckpt, model) = load_model(args.model.clone(), None)?;
     if args.save_threshold
         && ckpt.source.extension().and_then(|e| e.to_str()) != Some("safetensors")
@@ -76,38 +111,30 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let flip = !args.no_flip;
-
-    let bar = ProgressBar::new(paths.len() as u64).with_style(
+    let images = input.images();
+    let bar = ProgressBar::new(images as u64).with_style(
         ProgressStyle::with_template(
             "{spinner} embedding [{bar:40}] {pos}/{len} faces  {per_sec}  eta {eta}",
         )?
         .progress_chars("=> "),
     );
     let start = Instant::now();
-    let embeddings = mfn_data::embed_images(
-        &paths,
+    let (source, scores) = input.score(
         args.batch,
         image_size(model.config()),
-        &Device::Cpu,
         |x| -> Result<_> { Ok(model.embed(x, flip)?) },
         |done| bar.set_position(done as u64),
     )?;
     let seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
-
-    let scores = index
-        .iter()
-        .map(|[a, b]| mfn_eval::cosine(&embeddings[*a], &embeddings[*b]))
-        .collect::<mfn_eval::Result<Vec<f64>>>()?;
-    let scores = PairScores::new(scores, pairs.labels(), pairs.fold_ids())?;
     let report = mfn_eval::evaluate(&scores, &FARS)?;
-    let faces_per_second = paths.len() as f64 / seconds;
+    let faces_per_second = images as f64 / seconds;
     let model_name = ckpt.source.display().to_string();
 
     print_table(
         &model_name,
         &report,
-        paths.len(),
+        images,
         flip,
         seconds,
         faces_per_second,
@@ -118,7 +145,7 @@ pub fn run(args: Args) -> Result<()> {
             &model_name,
             &report,
             flip,
-            paths.len(),
+            images,
             seconds,
             faces_per_second,
         );
@@ -133,7 +160,7 @@ pub fn run(args: Args) -> Result<()> {
             format!(
                 "mean of the {} exact-protocol fold thresholds on {} ({} pairs), flip test {}",
                 report.folds,
-                pairs_path.display(),
+                source.display(),
                 report.pairs,
                 if flip { "on" } else { "off" }
             ),
@@ -148,12 +175,94 @@ pub fn run(args: Args) -> Result<()> {
         let title = format!(
             "{} on {} ({} pairs)",
             ckpt.config.name,
-            pairs_path.display(),
+            source.display(),
             report.pairs
         );
         mfn_eval::plot_roc(&curve, path, &title)?;
     }
     Ok(())
+}
+
+impl Input {
+    fn pairs(args: &Args) -> Result<Self> {
+        let path = asset_or(args.pairs.clone(), "lfw/pairs.txt", "--pairs")?;
+        let root = asset_or(args.images.clone(), "lfw/aligned-112x112", "--images")?;
+        let pairs = Pairs::read(&path)?;
+        let (unique, index) = pairs.index();
+        let images: Vec<PathBuf> = unique.iter().map(|r| r.path(&root, &args.ext)).collect();
+        let missing = mfn_data::missing_files(&images);
+        if !missing.is_empty() {
+            return Err(mfn_data::Error::MissingImages {
+                root: root.clone(),
+                paths: missing,
+            })
+            .with_context(|| format!("checking the images that {} names", path.display()));
+        }
+        Ok(Self::Pairs {
+            path,
+            pairs,
+            images,
+            index,
+        })
+    }
+
+    /// How many images [`Input::score`] embeds.
+    fn images(&self) -> usize {
+        match self {
+            Self::Pairs { images, .. } => images.len(),
+            Self::Bin { set, .. } => set.images.len(),
+        }
+    }
+
+    /// Embeds the images and returns the file the pairs came from and their scores.
+    fn score(
+        self,
+        batch: usize,
+        size: [usize; 2],
+        embed: impl FnMut(&Tensor) -> Result<Tensor>,
+        progress: impl FnMut(usize),
+    ) -> Result<(PathBuf, PairScores)> {
+        let device = Device::Cpu;
+        let cosines = |e: &[Vec<f32>], pairs: &mut dyn Iterator<Item = [usize; 2]>| {
+            pairs
+                .map(|[a, b]| mfn_eval::cosine(&e[a], &e[b]))
+                .collect::<mfn_eval::Result<Vec<f64>>>()
+        };
+        match self {
+            Self::Pairs {
+                path,
+                pairs,
+                images,
+                index,
+            } => {
+                let e = mfn_data::embed_images(&images, batch, size, &device, embed, progress)?;
+                let scores = cosines(&e, &mut index.into_iter())?;
+                let scores = PairScores::new(scores, pairs.labels(), pairs.fold_ids())?;
+                Ok((path, scores))
+            }
+            Self::Bin { path, set, folds } => {
+                let BinSet { images, issame } = set;
+                let e = mfn_data::embed_encoded(
+                    images.into(),
+                    &path,
+                    batch,
+                    size,
+                    &device,
+                    embed,
+                    progress,
+                )?;
+                let scores = cosines(&e, &mut (0..issame.len()).map(|i| [2 * i, 2 * i + 1]))?;
+                let scores =
+                    PairScores::contiguous_folds(scores, issame, folds).with_context(|| {
+                        format!(
+                            "splitting the pairs of {} into {folds} folds",
+                            path.display()
+                        )
+                    })?;
+                Ok((path, scores))
+            }
+        }
+    }
 }
 
 fn protocol_json(k: &KFoldReport) -> Value {

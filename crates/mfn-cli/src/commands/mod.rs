@@ -4,6 +4,7 @@ pub mod align;
 pub mod convert;
 pub mod embed;
 pub mod eval;
+pub mod pack_bin;
 pub mod verify;
 
 use std::path::PathBuf;

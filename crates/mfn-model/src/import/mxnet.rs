@@ -169,9 +169,15 @@ pub fn read_params(path: &Path) -> Result<HashMap<String, NdArray>> {
         path: path.to_path_buf(),
         source,
     })?;
+    parse_params(&bytes, path)
+}
+
+/// Parses the bytes of an MXNet NDArray list, as [`read_params`] does; `path` is only used
+/// in error messages.
+pub fn parse_params(bytes: &[u8], path: &Path) -> Result<HashMap<String, NdArray>> {
     let mut r = Reader {
         path,
-        bytes: &bytes,
+        bytes,
         pos: 0,
     };
     let magic = r.u64("file header")?;

@@ -1,0 +1,12 @@
+//! The ONNX reader (protobuf decoding and graph walking) on arbitrary bytes: it must
+//! return, never panic, and never allocate more than the input can describe.
+
+#![no_main]
+
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = mfn_model::import::onnx::check(data, Path::new("fuzz-dir/fuzz.onnx"));
+});
