@@ -2,36 +2,14 @@
 //! `pack-bin`, `eval --bin`, and the same numbers as the JPEG files they hold.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::Device;
 use mfn_data::{BinSet, Pairs};
 use mfn_model::Checkpoint;
 use serde_json::Value;
 
-fn asset(rel: &str) -> PathBuf {
-    mfn_data::assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn mfn(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mfn-cli"))
-        .args(args)
-        .output()
-        .expect("running mfn-cli")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "mfn-cli failed: {}", stderr(&o));
-    o
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
+mod common;
+use common::{asset, mfn, ok, read_json, stderr};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

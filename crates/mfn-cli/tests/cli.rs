@@ -1,41 +1,12 @@
 //! The `mfn-cli` binary end to end, on the real y1 weights and LFW files.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::Value;
 
-fn asset(rel: &str) -> PathBuf {
-    mfn_data::assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn mfn(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mfn-cli"))
-        .args(args)
-        .output()
-        .expect("running mfn-cli")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "mfn-cli failed: {}", stderr(&o));
-    o
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
+mod common;
+use common::{asset, floats, mfn, ok, read_json, stderr};
 
 /// `embed --no-normalize` on the golden PNGs and on their mirror images, against ONNX
 /// Runtime's raw outputs.

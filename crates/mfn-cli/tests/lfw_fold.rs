@@ -13,9 +13,8 @@ use mfn_data::Pairs;
 use mfn_model::Checkpoint;
 use serde_json::Value;
 
-fn asset(rel: &str) -> PathBuf {
-    mfn_data::assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
-}
+mod common;
+use common::asset;
 
 fn json(path: &std::path::Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()

@@ -11,9 +11,8 @@ use mfn_data::face::{images_to_tensor, FaceAligner, Pick};
 use mfn_model::{Checkpoint, MobileFaceNet};
 use serde_json::Value;
 
-fn asset(rel: &str) -> PathBuf {
-    mfn_data::assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
-}
+mod common;
+use common::asset;
 
 fn y1() -> MobileFaceNet {
     let device = Device::Cpu;
