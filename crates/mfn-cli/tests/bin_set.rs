@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use mfn_data::{BinSet, Pairs};
 use mfn_model::Checkpoint;
-use serde_json::Value;
 
 mod common;
 use common::{asset, mfn, ok, read_json, stderr};
