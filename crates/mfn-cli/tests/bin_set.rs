@@ -5,10 +5,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use mfn_data::{BinSet, Pairs};
-use mfn_model::Checkpoint;
 
 mod common;
-use common::{asset, mfn, ok, read_json, stderr};
+use common::{asset, mfn, ok, read_json, stderr, y1};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -32,14 +31,7 @@ fn bin_scores_equal_the_jpeg_scores_of_fold1() {
     let paths: Vec<PathBuf> = unique.iter().map(|r| r.path(&root, "jpg")).collect();
 
     let device = Device::Cpu;
-    let model = Checkpoint::load(
-        &asset("models/mobilefacenet-y1/model-symbol.json"),
-        None,
-        &device,
-    )
-    .unwrap()
-    .build(&device)
-    .unwrap();
+    let model = y1();
     let embed = |x: &candle_core::Tensor| -> Result<_, Box<dyn std::error::Error>> {
         Ok(model.embed(x, true)?)
     };

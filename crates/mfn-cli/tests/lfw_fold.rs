@@ -10,11 +10,10 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use mfn_data::Pairs;
-use mfn_model::Checkpoint;
 use serde_json::Value;
 
 mod common;
-use common::asset;
+use common::{asset, y1};
 
 fn json(path: &std::path::Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
@@ -39,14 +38,7 @@ fn first_lfw_fold_matches_the_reference_accuracy() {
     let paths: Vec<PathBuf> = unique.iter().map(|r| r.path(&root, "jpg")).collect();
 
     let device = Device::Cpu;
-    let model = Checkpoint::load(
-        &asset("models/mobilefacenet-y1/model-symbol.json"),
-        None,
-        &device,
-    )
-    .unwrap()
-    .build(&device)
-    .unwrap();
+    let model = y1();
 
     let expect =
         json(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/expect/lfw-y1-fold1.json"));

@@ -8,23 +8,11 @@ use candle_core::Device;
 use mfn_data::align::{align_arcface, read_landmarks_file, Landmarks, ARCFACE_112};
 use mfn_data::detect::{central, Detector, DetectorOptions};
 use mfn_data::face::{images_to_tensor, FaceAligner, Pick};
-use mfn_model::{Checkpoint, MobileFaceNet};
+use mfn_model::MobileFaceNet;
 use serde_json::Value;
 
 mod common;
-use common::asset;
-
-fn y1() -> MobileFaceNet {
-    let device = Device::Cpu;
-    Checkpoint::load(
-        &asset("models/mobilefacenet-y1/model-symbol.json"),
-        None,
-        &device,
-    )
-    .unwrap()
-    .build(&device)
-    .unwrap()
-}
+use common::{asset, y1};
 
 fn person(p: &Path) -> String {
     p.parent().unwrap().to_string_lossy().into_owned()

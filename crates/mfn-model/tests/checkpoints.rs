@@ -14,6 +14,13 @@ fn y1_symbol() -> PathBuf {
     asset("models/mobilefacenet-y1/model-symbol.json")
 }
 
+fn y1_model(device: &Device) -> mfn_model::MobileFaceNet {
+    Checkpoint::load(&y1_symbol(), None, device)
+        .unwrap()
+        .build(device)
+        .unwrap()
+}
+
 fn y1_params() -> PathBuf {
     asset("models/mobilefacenet-y1/model-0000.params")
 }
@@ -216,10 +223,7 @@ fn native_format_round_trips_and_rejects_damage() {
 #[test]
 fn inference_path_matches_the_unfolded_graph_in_batches() {
     let device = Device::Cpu;
-    let model = Checkpoint::load(&y1_symbol(), None, &device)
-        .unwrap()
-        .build(&device)
-        .unwrap();
+    let model = y1_model(&device);
     let x = input(3);
     let fast = model.forward(&x).unwrap();
     let graph = model.forward_graph(&x, false).unwrap();
@@ -236,10 +240,7 @@ fn inference_path_matches_the_unfolded_graph_in_batches() {
 #[test]
 fn wrong_input_shape_is_a_typed_error() {
     let device = Device::Cpu;
-    let model = Checkpoint::load(&y1_symbol(), None, &device)
-        .unwrap()
-        .build(&device)
-        .unwrap();
+    let model = y1_model(&device);
     let x = Tensor::zeros((1, 3, 96, 112), candle_core::DType::F32, &device).unwrap();
     match model.forward(&x).unwrap_err() {
         Error::InputShape { found, .. } => assert_eq!(found, [1, 3, 96, 112]),
@@ -250,10 +251,7 @@ fn wrong_input_shape_is_a_typed_error() {
 #[test]
 fn engine_is_independent_of_threads_layout_and_batch_split() {
     let device = Device::Cpu;
-    let model = Checkpoint::load(&y1_symbol(), None, &device)
-        .unwrap()
-        .build(&device)
-        .unwrap();
+    let model = y1_model(&device);
     let x = input(3);
     let reference = model.forward_graph(&x, false).unwrap();
     // A strided view with the same values: H and W swapped twice.

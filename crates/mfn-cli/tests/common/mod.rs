@@ -44,3 +44,16 @@ pub fn floats(v: &Value) -> Vec<f32> {
         .map(|x| x.as_f64().unwrap() as f32)
         .collect()
 }
+
+/// insightface's y1 from its MXNet files, on the CPU.
+pub fn y1() -> mfn_model::MobileFaceNet {
+    let device = candle_core::Device::Cpu;
+    mfn_model::Checkpoint::load(
+        &asset("models/mobilefacenet-y1/model-symbol.json"),
+        None,
+        &device,
+    )
+    .unwrap()
+    .build(&device)
+    .unwrap()
+}
