@@ -40,8 +40,9 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Loads a checkpoint by its path: a native `.safetensors` file, an MXNet
     /// `*-symbol.json` (its `.params` found beside it and checked against `mxnet_config`,
-    /// [`Config::y1`] when `None`), or an ONNX model (matched against `mxnet_config`, or
-    /// against the presets when `None`).
+    /// [`Config::y1`] when `None`), an ONNX model (matched against `mxnet_config`, or
+    /// against the presets when `None`), or a PyTorch `.pt`/`.pth` state dict in a known
+    /// layout (see [`crate::import::torch::TorchLayout`]).
     pub fn load(path: &Path, mxnet_config: Option<&Config>, device: &Device) -> Result<Self> {
         if !path.exists() {
             return Err(Error::Io {
@@ -64,6 +65,17 @@ impl Checkpoint {
                     source: path.to_path_buf(),
                 })
             }
+            "pt" | "pth" => {
+                let (config, tensors) = crate::import::torch::load(path, mxnet_config, device)?;
+                let mut metadata = BTreeMap::new();
+                metadata.insert("mfn.source".into(), "torch".into());
+                Ok(Self {
+                    config,
+                    tensors,
+                    metadata,
+                    source: path.to_path_buf(),
+                })
+            }
             "json" => {
                 let base = mxnet_config.cloned().unwrap_or_else(Config::y1);
                 let (config, tensors) = mxnet::load(path, None, &base, device)?;
@@ -78,7 +90,7 @@ impl Checkpoint {
             }
             _ => Err(Error::Native {
                 path: path.to_path_buf(),
-                message: "unknown model format: expected a native `.safetensors` file, an MXNet `*-symbol.json` or an `.onnx` model".into(),
+                message: "unknown model format: expected a native `.safetensors` file, an MXNet `*-symbol.json`, an `.onnx` model or a PyTorch `.pt`/`.pth` state dict".into(),
             }),
         }
     }
@@ -121,14 +133,26 @@ impl Checkpoint {
         let bytes = safetensors::serialize(data, Some(meta))
             .map_err(|e| native_err(format!("cannot serialise: {e}")))?;
         let tmp = path.with_extension("safetensors.partial");
-        std::fs::write(&tmp, bytes).map_err(|source| Error::Io {
-            path: tmp.clone(),
-            source,
-        })?;
-        std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        // Written in full and flushed to disk before the rename, so that a crash leaves
+        // either the old file or the new one, never a torn one.
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            f.write_all(&bytes).map_err(io(&tmp))?;
+            f.sync_all().map_err(io(&tmp))?;
+        }
+        std::fs::rename(&tmp, path).map_err(io(path))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // Persist the rename itself; not every platform can open a directory.
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
     }
 }
 
@@ -167,6 +191,21 @@ fn load_native(path: &Path, device: &Device) -> Result<Checkpoint> {
     safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
+    check_weights(&config, &tensors, path)?;
+    Ok(Checkpoint {
+        config,
+        tensors,
+        metadata: meta,
+        source: path.to_path_buf(),
+    })
+}
+
+/// Checks that `tensors` holds every weight `config` needs, each with its shape.
+pub(crate) fn check_weights(
+    config: &Config,
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<()> {
     for (name, shape) in config.plan().weights() {
         let t = tensors.get(&name).ok_or_else(|| Error::MissingWeight {
             path: path.to_path_buf(),
@@ -181,10 +220,5 @@ fn load_native(path: &Path, device: &Device) -> Result<Checkpoint> {
             });
         }
     }
-    Ok(Checkpoint {
-        config,
-        tensors,
-        metadata: meta,
-        source: path.to_path_buf(),
-    })
+    Ok(())
 }

@@ -30,11 +30,50 @@ impl InputNorm {
     }
 }
 
+/// The nonlinearity after a conv and its BatchNorm.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    /// `max(x, 0) + a * min(x, 0)` with a learned slope `a` per channel, stored as
+    /// `{name}_relu_gamma`. The paper and insightface use it.
+    #[default]
+    PRelu,
+    /// `max(x, 0)`.
+    Relu,
+    /// `min(max(x, 0), 6)`, as in MobileNetV2 and foamliu's MobileFaceNet.
+    Relu6,
+}
+
+impl Activation {
+    /// The upper clamp of the activation, if it has one.
+    pub fn cap(self) -> Option<f32> {
+        match self {
+            Activation::Relu6 => Some(6.0),
+            Activation::PRelu | Activation::Relu => None,
+        }
+    }
+}
+
+/// What follows the 3x3 stride-2 stem conv, before the bottlenecks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StemKind {
+    /// One 3x3 conv: depthwise as in the paper, or grouped (see [`Config::stem_groups`]).
+    #[default]
+    Depthwise,
+    /// A depthwise separable conv: 3x3 depthwise then 1x1 pointwise, each with BatchNorm
+    /// and the given activation (foamliu's `dw_conv`, which uses ReLU).
+    Separable(Activation),
+    /// Nothing: the bottlenecks start right after the stem conv (insightface's
+    /// `mbf_large`, whose first table row is a pair of stride-1 bottlenecks).
+    ConvOnly,
+}
+
 /// One row of the paper's bottleneck table: expansion `t`, output channels `c`, repeats `n`,
 /// stride `s` of the first repeat.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bottleneck {
-    /// Expansion factor of the 1x1 conv that opens each block.
+    /// Expansion factor of the 1x1 conv that opens each block; ignored when `hidden` is set.
     pub t: usize,
     /// Output channels of each block.
     pub c: usize,
@@ -42,12 +81,38 @@ pub struct Bottleneck {
     pub n: usize,
     /// Stride of the first block; the others use stride 1.
     pub s: usize,
+    /// Channels inside each block, when they are not `t` times the block's input: insightface
+    /// arcface_torch sets them directly, and `mbf_large` narrows (256 -> 128 -> 256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden: Option<usize>,
 }
 
 impl Bottleneck {
     /// A row `(t, c, n, s)`.
     pub const fn new(t: usize, c: usize, n: usize, s: usize) -> Self {
-        Self { t, c, n, s }
+        Self {
+            t,
+            c,
+            n,
+            s,
+            hidden: None,
+        }
+    }
+
+    /// A row whose blocks have `hidden` channels inside, whatever their input.
+    pub const fn with_hidden(hidden: usize, c: usize, n: usize, s: usize) -> Self {
+        Self {
+            t: 0,
+            c,
+            n,
+            s,
+            hidden: Some(hidden),
+        }
+    }
+
+    /// Channels inside a block of this row that takes `cin` channels.
+    pub fn hidden_channels(&self, cin: usize) -> usize {
+        self.hidden.unwrap_or(cin * self.t)
     }
 }
 
@@ -73,6 +138,9 @@ pub struct Config {
     pub input_norm: InputNorm,
     /// Channels of the 3x3 stride-2 stem conv and of the conv after it.
     pub stem_channels: usize,
+    /// What follows the stem conv.
+    #[serde(default)]
+    pub stem: StemKind,
     /// Groups of the 3x3 conv after the stem; `None` makes it depthwise (one group per
     /// channel), as in the paper. insightface's `mbf` uses 64 groups of 2 channels.
     #[serde(default)]
@@ -87,6 +155,10 @@ pub struct Config {
     pub head: Head,
     /// eps of every BatchNorm in the body (MXNet's default is 1e-3).
     pub bn_eps: f64,
+    /// The nonlinearity of every non-linear conv unit (the stem's separable conv may
+    /// override it, see [`StemKind::Separable`]).
+    #[serde(default)]
+    pub activation: Activation,
 }
 
 impl Config {
@@ -98,6 +170,7 @@ impl Config {
             input_size: [112, 112],
             input_norm: InputNorm::insightface(),
             stem_channels: 64,
+            stem: StemKind::Depthwise,
             stem_groups: None,
             blocks: vec![
                 Bottleneck::new(2, 64, 5, 2),
@@ -114,6 +187,7 @@ impl Config {
                 bn_eps: 1e-3,
             },
             bn_eps: 1e-3,
+            activation: Activation::PRelu,
         }
     }
 
@@ -144,6 +218,7 @@ impl Config {
                 scale: [1.0 / 127.5; 3],
             },
             stem_channels: 128,
+            stem: StemKind::Depthwise,
             stem_groups: Some(64),
             blocks: vec![
                 Bottleneck::new(1, 128, 5, 2),
@@ -160,21 +235,71 @@ impl Config {
                 bn_eps: 1e-5,
             },
             bn_eps: 1e-5,
+            activation: Activation::PRelu,
         }
     }
 
-    /// A preset by name: `paper`, `y1` or `mbf`.
+    /// insightface arcface_torch's `mbf_large` (`get_mbf_large`: blocks (2, 8, 12, 4),
+    /// scale 4): a 256-channel stem followed directly by two stride-1 bottlenecks, blocks
+    /// whose inner width is set per stage (128, 256, 512 at the downsampling ones), 512-d
+    /// embeddings.
+    pub fn mbf_large() -> Self {
+        Self {
+            name: "mbf_large".into(),
+            stem_channels: 256,
+            stem: StemKind::ConvOnly,
+            stem_groups: None,
+            blocks: vec![
+                Bottleneck::with_hidden(128, 256, 2, 1),
+                Bottleneck::with_hidden(128, 256, 9, 2),
+                Bottleneck::with_hidden(256, 512, 1, 2),
+                Bottleneck::with_hidden(256, 512, 12, 1),
+                Bottleneck::with_hidden(512, 512, 1, 2),
+                Bottleneck::with_hidden(256, 512, 4, 1),
+            ],
+            ..Self::mbf()
+        }
+    }
+
+    /// foamliu/MobileFaceNet's PyTorch model: the paper's table with ReLU6 instead of
+    /// PReLU, a depthwise separable conv with ReLU after the stem, a 1x1 conv 512 -> 128
+    /// with bias and a BatchNorm as the embedding layer, BatchNorm eps 1e-5, and input
+    /// `(x / 255 - mean) / std` with ImageNet's mean and std.
+    pub fn foamliu() -> Self {
+        const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+        const STD: [f32; 3] = [0.229, 0.224, 0.225];
+        Self {
+            name: "foamliu".into(),
+            input_norm: InputNorm {
+                mean: MEAN.map(|m| m * 255.0),
+                scale: STD.map(|s| 1.0 / (255.0 * s)),
+            },
+            stem: StemKind::Separable(Activation::Relu),
+            head: Head {
+                fc_bias: true,
+                fix_gamma: false,
+                bn_eps: 1e-5,
+            },
+            bn_eps: 1e-5,
+            activation: Activation::Relu6,
+            ..Self::paper()
+        }
+    }
+
+    /// A preset by name: one of [`Config::PRESETS`].
     pub fn preset(name: &str) -> Option<Self> {
         match name {
             "paper" => Some(Self::paper()),
             "y1" => Some(Self::y1()),
             "mbf" => Some(Self::mbf()),
+            "mbf_large" => Some(Self::mbf_large()),
+            "foamliu" => Some(Self::foamliu()),
             _ => None,
         }
     }
 
     /// Names of the presets [`Config::preset`] knows.
-    pub const PRESETS: &'static [&'static str] = &["paper", "y1", "mbf"];
+    pub const PRESETS: &'static [&'static str] = &["paper", "y1", "mbf", "mbf_large", "foamliu"];
 
     /// The feature-map size that reaches the global depthwise conv, which is also its kernel.
     pub fn gdconv_kernel(&self) -> [usize; 2] {
@@ -189,27 +314,37 @@ impl Config {
 
     /// The network expanded into its layers, in graph order, with checkpoint names.
     pub fn plan(&self) -> Plan {
-        let stem = ConvSpec {
-            name: "conv_1".into(),
-            in_channels: 3,
-            out_channels: self.stem_channels,
-            kernel: [3, 3],
-            stride: 2,
-            pad: [1, 1],
-            groups: 1,
-            prelu: true,
-            bn_eps: self.bn_eps,
+        let unit = |name: &str, cin: usize, cout: usize, k: usize, stride: usize, groups: usize| {
+            ConvSpec {
+                name: name.into(),
+                in_channels: cin,
+                out_channels: cout,
+                kernel: [k, k],
+                stride,
+                pad: [k / 2, k / 2],
+                groups,
+                act: Some(self.activation),
+                bn_eps: self.bn_eps,
+            }
         };
-        let stem_dw = ConvSpec {
-            name: "conv_2_dw".into(),
-            in_channels: self.stem_channels,
-            out_channels: self.stem_channels,
-            kernel: [3, 3],
-            stride: 1,
-            pad: [1, 1],
-            groups: self.stem_groups.unwrap_or(self.stem_channels),
-            prelu: true,
-            bn_eps: self.bn_eps,
+        let c = self.stem_channels;
+        let stem = unit("conv_1", 3, c, 3, 2, 1);
+        let (stem_dw, stem_pw) = match self.stem {
+            StemKind::Depthwise => (
+                Some(unit("conv_2_dw", c, c, 3, 1, self.stem_groups.unwrap_or(c))),
+                None,
+            ),
+            StemKind::Separable(act) => (
+                Some(ConvSpec {
+                    act: Some(act),
+                    ..unit("conv_2_dw", c, c, 3, 1, c)
+                }),
+                Some(ConvSpec {
+                    act: Some(act),
+                    ..unit("conv_2_pw", c, c, 1, 1, 1)
+                }),
+            ),
+            StemKind::ConvOnly => (None, None),
         };
         // insightface names a stage after its downsampling: `dconv_23` moves from stage 2 to
         // 3, and the stride-1 blocks that follow are `res_3_block0..`, whichever table row
@@ -217,7 +352,7 @@ impl Config {
         let mut blocks = Vec::new();
         let mut stage = 2usize;
         let mut res_index = 0usize;
-        let mut cin = self.stem_channels;
+        let mut cin = c;
         for row in &self.blocks {
             for i in 0..row.n {
                 let stride = if i == 0 { row.s } else { 1 };
@@ -229,62 +364,44 @@ impl Config {
                     res_index += 1;
                     format!("res_{}_block{}", stage, res_index - 1)
                 };
-                let hidden = cin * row.t;
-                let conv1x1 = |suffix: &str, cin: usize, cout: usize, prelu: bool| ConvSpec {
-                    name: format!("{name}_conv_{suffix}"),
-                    in_channels: cin,
-                    out_channels: cout,
-                    kernel: [1, 1],
-                    stride: 1,
-                    pad: [0, 0],
-                    groups: 1,
-                    prelu,
-                    bn_eps: self.bn_eps,
-                };
+                let hidden = row.hidden_channels(cin);
                 blocks.push(BlockSpec {
-                    expand: conv1x1("sep", cin, hidden, true),
-                    depthwise: ConvSpec {
-                        name: format!("{name}_conv_dw"),
-                        in_channels: hidden,
-                        out_channels: hidden,
-                        kernel: [3, 3],
+                    expand: unit(&format!("{name}_conv_sep"), cin, hidden, 1, 1, 1),
+                    depthwise: unit(
+                        &format!("{name}_conv_dw"),
+                        hidden,
+                        hidden,
+                        3,
                         stride,
-                        pad: [1, 1],
-                        groups: hidden,
-                        prelu: true,
-                        bn_eps: self.bn_eps,
+                        hidden,
+                    ),
+                    project: ConvSpec {
+                        act: None,
+                        ..unit(&format!("{name}_conv_proj"), hidden, row.c, 1, 1, 1)
                     },
-                    project: conv1x1("proj", hidden, row.c, false),
                     residual: stride == 1 && cin == row.c,
                 });
                 cin = row.c;
             }
         }
-        let last = ConvSpec {
-            name: "conv_6sep".into(),
-            in_channels: cin,
-            out_channels: self.last_channels,
-            kernel: [1, 1],
-            stride: 1,
-            pad: [0, 0],
-            groups: 1,
-            prelu: true,
-            bn_eps: self.bn_eps,
-        };
+        let last = unit("conv_6sep", cin, self.last_channels, 1, 1, 1);
         let gdconv = ConvSpec {
-            name: "conv_6dw7_7".into(),
-            in_channels: self.last_channels,
-            out_channels: self.last_channels,
             kernel: self.gdconv_kernel(),
-            stride: 1,
             pad: [0, 0],
-            groups: self.last_channels,
-            prelu: false,
-            bn_eps: self.bn_eps,
+            act: None,
+            ..unit(
+                "conv_6dw7_7",
+                self.last_channels,
+                self.last_channels,
+                1,
+                1,
+                self.last_channels,
+            )
         };
         Plan {
             stem,
             stem_dw,
+            stem_pw,
             blocks,
             last,
             gdconv,
@@ -315,7 +432,7 @@ impl Config {
             total.macs += (weights * hw[0] * hw[1]) as u64;
             // BatchNorm gamma and beta, and one PReLU slope per channel.
             total.params += (weights + 2 * conv.out_channels) as u64;
-            if conv.prelu {
+            if conv.has_prelu() {
                 total.params += conv.out_channels as u64;
             }
         }
@@ -362,8 +479,8 @@ pub struct ConvSpec {
     pub pad: [usize; 2],
     /// Convolution groups; `groups == in_channels == out_channels` is depthwise.
     pub groups: usize,
-    /// Whether a PReLU follows the BatchNorm; `false` makes the unit linear.
-    pub prelu: bool,
+    /// The activation after the BatchNorm; `None` makes the unit linear.
+    pub act: Option<Activation>,
     /// eps of the BatchNorm.
     pub bn_eps: f64,
 }
@@ -372,6 +489,11 @@ impl ConvSpec {
     /// Whether this conv is depthwise (one filter per channel).
     pub fn is_depthwise(&self) -> bool {
         self.groups > 1 && self.groups == self.in_channels && self.groups == self.out_channels
+    }
+
+    /// Whether the unit has learned PReLU slopes.
+    pub fn has_prelu(&self) -> bool {
+        self.act == Some(Activation::PRelu)
     }
 
     /// Checkpoint name of the conv weight.
@@ -432,8 +554,10 @@ impl EmbeddingSpec {
 pub struct Plan {
     /// 3x3 stride-2 stem conv.
     pub stem: ConvSpec,
-    /// 3x3 depthwise conv after the stem.
-    pub stem_dw: ConvSpec,
+    /// 3x3 depthwise (or grouped) conv after the stem, unless [`StemKind::ConvOnly`].
+    pub stem_dw: Option<ConvSpec>,
+    /// 1x1 conv after that, for [`StemKind::Separable`].
+    pub stem_pw: Option<ConvSpec>,
     /// The bottlenecks in order.
     pub blocks: Vec<BlockSpec>,
     /// 1x1 conv to `last_channels`.
@@ -447,14 +571,24 @@ pub struct Plan {
 impl Plan {
     /// Every conv unit in graph order.
     pub fn convs(&self) -> impl Iterator<Item = &ConvSpec> {
-        [&self.stem, &self.stem_dw]
-            .into_iter()
+        std::iter::once(&self.stem)
+            .chain(self.stem_dw.as_ref())
+            .chain(self.stem_pw.as_ref())
             .chain(
                 self.blocks
                     .iter()
                     .flat_map(|b| [&b.expand, &b.depthwise, &b.project]),
             )
             .chain([&self.last, &self.gdconv])
+    }
+
+    /// For each conv of [`Plan::convs`], whether a residual Add follows it.
+    pub fn residual_after(&self) -> Vec<bool> {
+        let stem = 1 + usize::from(self.stem_dw.is_some()) + usize::from(self.stem_pw.is_some());
+        std::iter::repeat_n(false, stem)
+            .chain(self.blocks.iter().flat_map(|b| [false, false, b.residual]))
+            .chain([false, false])
+            .collect()
     }
 }
 
@@ -474,7 +608,7 @@ impl Plan {
                     vec![conv.out_channels],
                 ));
             }
-            if conv.prelu {
+            if conv.has_prelu() {
                 out.push((conv.prelu_name(), vec![conv.out_channels]));
             }
         }

@@ -63,6 +63,8 @@ pub(crate) struct WindowConv {
     pub w: Vec<f32>,
     pub bias: Vec<f32>,
     pub slope: Option<Vec<f32>>,
+    /// Upper clamp after the activation (ReLU6).
+    pub cap: Option<f32>,
     pub cin: usize,
     pub cout: usize,
     pub kernel: [usize; 2],
@@ -79,6 +81,7 @@ pub(crate) struct GroupedConv {
     /// One depthwise conv per input channel of a group; only the first carries the bias.
     pub parts: Vec<WindowConv>,
     pub slope: Option<Vec<f32>>,
+    pub cap: Option<f32>,
     pub cin: usize,
     pub cout: usize,
     pub groups: usize,
@@ -98,8 +101,16 @@ pub(crate) struct Pointwise {
     pub w: Vec<f32>,
     pub bias: Vec<f32>,
     pub slope: Option<Vec<f32>>,
+    pub cap: Option<f32>,
     pub cin: usize,
     pub cout: usize,
+}
+
+/// Clamps from above: the top of ReLU6.
+fn apply_cap(v: &mut [f32], cap: Option<f32>) {
+    if let Some(cap) = cap {
+        v.iter_mut().for_each(|x| *x = x.min(cap));
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -117,7 +128,8 @@ pub(crate) struct CpuEngine {
     pub mean: [f32; 3],
     pub scale: [f32; 3],
     pub stem: WindowConv,
-    pub stem_dw: Spatial,
+    pub stem_dw: Option<Spatial>,
+    pub stem_pw: Option<Pointwise>,
     pub blocks: Vec<Block>,
     pub last: Pointwise,
     pub gdconv: WindowConv,
@@ -440,6 +452,7 @@ impl WindowConv {
                 self.slope.as_deref(),
                 geometry,
             );
+            apply_cap(o, self.cap);
         });
         Hwc {
             h: ho,
@@ -483,6 +496,7 @@ impl GroupedConv {
                 }
             }
         }
+        apply_cap(&mut out[..n * shape.h * shape.w * shape.c], self.cap);
         shape
     }
 }
@@ -543,6 +557,7 @@ impl Pointwise {
             }
             if residual.is_none() {
                 simd::bias_prelu(o, &self.bias, self.slope.as_deref());
+                apply_cap(o, self.cap);
             }
         });
     }
@@ -640,9 +655,18 @@ impl CpuEngine {
         let s = Hwc { h, w, c: 3 };
         let s = self.stem.run(&ws.y, n, s, &mut ws.x, parallel);
         lap(LayerKind::Stem, &mut times);
-        let mut s = self.stem_dw.run(&ws.x, n, s, &mut ws.y, parallel);
-        std::mem::swap(&mut ws.x, &mut ws.y);
-        lap(LayerKind::Depthwise, &mut times);
+        let mut s = s;
+        if let Some(dw) = &self.stem_dw {
+            s = dw.run(&ws.x, n, s, &mut ws.y, parallel);
+            std::mem::swap(&mut ws.x, &mut ws.y);
+            lap(LayerKind::Depthwise, &mut times);
+        }
+        if let Some(pw) = &self.stem_pw {
+            pw.run(&ws.x, n * s.h * s.w, None, &mut ws.y, parallel);
+            std::mem::swap(&mut ws.x, &mut ws.y);
+            s = Hwc { c: pw.cout, ..s };
+            lap(LayerKind::Pointwise, &mut times);
+        }
 
         for b in &self.blocks {
             let m = n * s.h * s.w;
@@ -783,6 +807,7 @@ mod tests {
                 w: hwio,
                 bias: bias.clone(),
                 slope: Some(slope.clone()),
+                cap: None,
                 cin,
                 cout,
                 kernel: [k, k],
@@ -833,6 +858,7 @@ mod tests {
                 w: hwc,
                 bias: bias.clone(),
                 slope: prelu.then(|| slope.clone()),
+                cap: None,
                 cin: c,
                 cout: c,
                 kernel: [k, k],
@@ -877,6 +903,7 @@ mod tests {
             w: io.clone(),
             bias: bias.clone(),
             slope,
+            cap: None,
             cin,
             cout,
         };

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, ModuleT, Result, Tensor, D};
 use candle_nn::{BatchNorm, Init, VarBuilder};
 
-use crate::config::{BlockSpec, ConvSpec, EmbeddingSpec};
+use crate::config::{Activation, BlockSpec, ConvSpec, EmbeddingSpec};
 use crate::engine;
 use crate::ops::{BiasPrelu, DepthwiseConv2d};
 
@@ -63,7 +63,7 @@ fn to_arc_vec(t: &Tensor) -> Result<Arc<Vec<f32>>> {
     ))
 }
 
-/// Folded weights, folded bias and PReLU slopes, on the host.
+/// Folded weights, folded bias and activation slopes, on the host.
 type FoldedHost = (Vec<f32>, Vec<f32>, Option<Vec<f32>>);
 
 /// How the folded conv runs on the inference path.
@@ -77,20 +77,23 @@ enum Folded {
     Depthwise(DepthwiseConv2d, Tensor),
 }
 
-/// A conv, its BatchNorm and an optional PReLU.
+/// A conv, its BatchNorm and an optional activation.
 #[derive(Clone, Debug)]
 pub struct ConvBnAct {
     spec: ConvSpec,
     weight: Tensor,
     bn: BatchNorm,
+    /// Learned PReLU slopes.
     slope: Option<Tensor>,
+    /// The slopes the fused kernels apply: the PReLU's, or zeros for ReLU and ReLU6.
+    fused_slope: Option<Arc<Vec<f32>>>,
     folded: Folded,
     epilogue: BiasPrelu,
     folded_bias: Tensor,
 }
 
 impl ConvBnAct {
-    /// Builds the unit from `{name}_conv2d_weight`, `{name}_batchnorm_*` and
+    /// Builds the unit from `{name}_conv2d_weight`, `{name}_batchnorm_*` and, for PReLU,
     /// `{name}_relu_gamma`, and folds its BatchNorm for inference.
     pub fn new(spec: &ConvSpec, vb: &VarBuilder) -> Result<Self> {
         let [kh, kw] = spec.kernel;
@@ -104,11 +107,21 @@ impl ConvBnAct {
             },
         )?;
         let bn = batch_norm(spec.out_channels, &spec.bn_name(), spec.bn_eps, false, vb)?;
-        let slope = if spec.prelu {
+        let slope = if spec.has_prelu() {
             Some(vb.get_with_hints(spec.out_channels, &spec.prelu_name(), Init::Const(0.25))?)
         } else {
             None
         };
+        // ReLU and ReLU6 are a PReLU with a zero slope (and a cap), so one set of fused
+        // kernels serves all three.
+        let fused_slope = match spec.act {
+            Some(Activation::PRelu) => slope.as_ref().map(to_arc_vec).transpose()?,
+            Some(Activation::Relu | Activation::Relu6) => {
+                Some(Arc::new(vec![0.0; spec.out_channels]))
+            }
+            None => None,
+        };
+        let cap = spec.act.and_then(Activation::cap);
         let (scale, shift) = bn_affine(&bn)?;
         let w = weight
             .detach()
@@ -117,7 +130,8 @@ impl ConvBnAct {
             let op = DepthwiseConv2d {
                 weight: to_arc_vec(&w)?,
                 bias: to_arc_vec(&shift)?,
-                prelu: slope.as_ref().map(to_arc_vec).transpose()?,
+                prelu: fused_slope.clone(),
+                cap,
                 kernel: spec.kernel,
                 stride: spec.stride,
                 pad: spec.pad,
@@ -130,7 +144,8 @@ impl ConvBnAct {
         };
         let epilogue = BiasPrelu {
             bias: to_arc_vec(&shift)?,
-            prelu: slope.as_ref().map(to_arc_vec).transpose()?,
+            prelu: fused_slope.clone(),
+            cap,
         };
         if spec.pad[0] != spec.pad[1] {
             candle_core::bail!(
@@ -143,6 +158,7 @@ impl ConvBnAct {
             weight,
             bn,
             slope,
+            fused_slope,
             folded,
             epilogue,
             folded_bias: shift.detach(),
@@ -162,12 +178,26 @@ impl ConvBnAct {
         Ok((
             to_arc_vec(w)?.to_vec(),
             to_arc_vec(&self.folded_bias)?.to_vec(),
-            self.slope
-                .as_ref()
-                .map(to_arc_vec)
-                .transpose()?
-                .map(|a| a.to_vec()),
+            self.fused_slope.as_ref().map(|a| a.to_vec()),
         ))
+    }
+
+    /// The upper clamp of the activation (ReLU6), if any.
+    fn cap(&self) -> Option<f32> {
+        self.spec.act.and_then(Activation::cap)
+    }
+
+    /// The activation on the graph path.
+    fn activate(&self, y: Tensor) -> Result<Tensor> {
+        match (self.spec.act, &self.slope) {
+            (None, _) => Ok(y),
+            (Some(Activation::PRelu), Some(a)) => prelu(&y, a),
+            (Some(Activation::PRelu), None) => {
+                candle_core::bail!("{}: PReLU without slopes", self.spec.name)
+            }
+            (Some(Activation::Relu), _) => y.relu(),
+            (Some(Activation::Relu6), _) => y.clamp(0f32, 6f32),
+        }
     }
 
     /// The unit as an NHWC dense conv for the CPU engine.
@@ -194,6 +224,7 @@ impl ConvBnAct {
             w: hwio,
             bias,
             slope,
+            cap: self.cap(),
             cin,
             cout,
             kernel: s.kernel,
@@ -222,6 +253,7 @@ impl ConvBnAct {
             w: hwc,
             bias,
             slope,
+            cap: self.cap(),
             cin: c,
             cout: c,
             kernel: s.kernel,
@@ -262,6 +294,7 @@ impl ConvBnAct {
                         vec![0.0; cout]
                     },
                     slope: None,
+                    cap: None,
                     cin: cout,
                     cout,
                     kernel: s.kernel,
@@ -274,6 +307,7 @@ impl ConvBnAct {
         Ok(engine::Spatial::Grouped(engine::GroupedConv {
             parts,
             slope,
+            cap: self.cap(),
             cin,
             cout,
             groups,
@@ -298,21 +332,19 @@ impl ConvBnAct {
             w: io,
             bias,
             slope,
+            cap: self.cap(),
             cin,
             cout,
         })
     }
 
-    /// Bias and PReLU after a folded conv, fused on the CPU.
+    /// Bias and activation after a folded conv, fused on the CPU.
     fn finish(&self, y: Tensor) -> Result<Tensor> {
         if y.device().is_cpu() && y.dtype() == DType::F32 {
             return self.epilogue.forward(&y);
         }
         let y = y.broadcast_add(&self.folded_bias.reshape((1, (), 1, 1))?)?;
-        match &self.slope {
-            Some(a) => prelu(&y, a),
-            None => Ok(y),
-        }
+        self.activate(y)
     }
 }
 
@@ -347,7 +379,8 @@ impl ConvBnAct {
 }
 
 impl ConvBnAct {
-    /// The unfolded graph: candle conv, BatchNorm (batch statistics when `train`), PReLU.
+    /// The unfolded graph: candle conv, BatchNorm (batch statistics when `train`),
+    /// activation.
     pub fn forward_graph(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = x.conv2d(
             &self.weight,
@@ -357,10 +390,7 @@ impl ConvBnAct {
             self.spec.groups,
         )?;
         let y = self.bn.forward_t(&y, train)?;
-        match &self.slope {
-            Some(a) => prelu(&y, a),
-            None => Ok(y),
-        }
+        self.activate(y)
     }
 }
 
@@ -488,6 +518,7 @@ impl Embedding {
             w: to_arc_vec(&self.folded_weight_t)?.to_vec(),
             bias: to_arc_vec(&self.folded_bias)?.to_vec(),
             slope: None,
+            cap: None,
             cin,
             cout,
         })

@@ -11,7 +11,9 @@ mod model;
 pub mod ops;
 
 pub use checkpoint::{Checkpoint, CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION};
-pub use config::{Bottleneck, Complexity, Config, ConvSpec, Head, InputNorm, Plan};
+pub use config::{
+    Activation, Bottleneck, Complexity, Config, ConvSpec, Head, InputNorm, Plan, StemKind,
+};
 pub use engine::{LayerKind, LayerTimes};
 pub use error::{Error, Result};
 pub use layers::l2_normalize;

@@ -21,7 +21,8 @@ pub struct MobileFaceNet {
     norm_mean: Tensor,
     norm_scale: Tensor,
     stem: ConvBnAct,
-    stem_dw: ConvBnAct,
+    stem_dw: Option<ConvBnAct>,
+    stem_pw: Option<ConvBnAct>,
     blocks: Vec<Bottleneck>,
     last: ConvBnAct,
     gdconv: ConvBnAct,
@@ -37,7 +38,11 @@ impl MobileFaceNet {
         let device = vb.device().clone();
         let norm = |v: [f32; 3]| Tensor::from_slice(&v, (1, 3, 1, 1), &device);
         let stem = ConvBnAct::new(&plan.stem, &vb)?;
-        let stem_dw = ConvBnAct::new(&plan.stem_dw, &vb)?;
+        let unit = |spec: &Option<crate::ConvSpec>| {
+            spec.as_ref().map(|s| ConvBnAct::new(s, &vb)).transpose()
+        };
+        let stem_dw = unit(&plan.stem_dw)?;
+        let stem_pw = unit(&plan.stem_pw)?;
         let blocks: Vec<Bottleneck> = plan
             .blocks
             .iter()
@@ -51,7 +56,14 @@ impl MobileFaceNet {
             mean: config.input_norm.mean,
             scale: config.input_norm.scale,
             stem: stem.engine_dense()?,
-            stem_dw: stem_dw.engine_spatial()?,
+            stem_dw: stem_dw
+                .as_ref()
+                .map(ConvBnAct::engine_spatial)
+                .transpose()?,
+            stem_pw: stem_pw
+                .as_ref()
+                .map(ConvBnAct::engine_pointwise)
+                .transpose()?,
             blocks: blocks
                 .iter()
                 .map(Bottleneck::engine_block)
@@ -67,6 +79,7 @@ impl MobileFaceNet {
             norm_scale: norm(config.input_norm.scale)?,
             stem,
             stem_dw,
+            stem_pw,
             blocks,
             last,
             gdconv,
@@ -139,9 +152,10 @@ impl MobileFaceNet {
     /// and as a second reference.
     pub fn forward_layers(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x)?;
-        let mut y = self
-            .stem_dw
-            .forward(&self.stem.forward(&self.normalize_input(x)?)?)?;
+        let mut y = self.stem.forward(&self.normalize_input(x)?)?;
+        for unit in self.stem_dw.iter().chain(&self.stem_pw) {
+            y = unit.forward(&y)?;
+        }
         for b in &self.blocks {
             y = b.forward(&y)?;
         }
@@ -155,8 +169,10 @@ impl MobileFaceNet {
     /// `train == false` it is the reference that [`Self::forward`] is tested against.
     pub fn forward_graph(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.check_input(x)?;
-        let y = self.stem.forward_graph(&self.normalize_input(x)?, train)?;
-        let mut y = self.stem_dw.forward_graph(&y, train)?;
+        let mut y = self.stem.forward_graph(&self.normalize_input(x)?, train)?;
+        for unit in self.stem_dw.iter().chain(&self.stem_pw) {
+            y = unit.forward_graph(&y, train)?;
+        }
         for b in &self.blocks {
             y = b.forward_graph(&y, train)?;
         }

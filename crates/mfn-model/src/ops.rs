@@ -17,8 +17,10 @@ pub struct DepthwiseConv2d {
     pub weight: Arc<Vec<f32>>,
     /// One bias per channel.
     pub bias: Arc<Vec<f32>>,
-    /// One PReLU slope per channel, or `None` for a linear output.
+    /// One PReLU slope per channel, or `None` for a linear output. ReLU is a zero slope.
     pub prelu: Option<Arc<Vec<f32>>>,
+    /// An upper clamp after the activation (6 for ReLU6), or `None`.
+    pub cap: Option<f32>,
     /// Kernel height and width.
     pub kernel: [usize; 2],
     /// Stride along both axes.
@@ -94,6 +96,9 @@ impl DepthwiseConv2d {
                 }
             }
         }
+        if let Some(cap) = self.cap {
+            dst.iter_mut().for_each(|v| *v = v.min(cap));
+        }
     }
 }
 
@@ -131,13 +136,16 @@ impl CustomOp1 for DepthwiseConv2d {
     }
 }
 
-/// Adds a per-channel bias and applies an optional per-channel PReLU, in one pass.
+/// Adds a per-channel bias and applies an optional per-channel PReLU and upper clamp, in
+/// one pass.
 #[derive(Clone, Debug)]
 pub struct BiasPrelu {
     /// One bias per channel.
     pub bias: Arc<Vec<f32>>,
-    /// One PReLU slope per channel, or `None` for bias only.
+    /// One PReLU slope per channel, or `None` for bias only. ReLU is a zero slope.
     pub prelu: Option<Arc<Vec<f32>>>,
+    /// An upper clamp after the activation (6 for ReLU6), or `None`.
+    pub cap: Option<f32>,
 }
 
 impl BiasPrelu {
@@ -179,12 +187,15 @@ impl CustomOp1 for BiasPrelu {
             match &self.prelu {
                 Some(slope) => {
                     let a = slope[i % c];
-                    for v in p {
+                    for v in p.iter_mut() {
                         let y = *v + b;
                         *v = if y < 0.0 { y * a } else { y };
                     }
                 }
                 None => p.iter_mut().for_each(|v| *v += b),
+            }
+            if let Some(cap) = self.cap {
+                p.iter_mut().for_each(|v| *v = v.min(cap));
             }
         });
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
@@ -241,6 +252,7 @@ mod tests {
             ),
             bias: Arc::new(ramp(&[c], 2.0).to_vec1().unwrap()),
             prelu: prelu.then(|| Arc::new(ramp(&[c], 3.0).to_vec1().unwrap())),
+            cap: None,
             kernel: [k, k],
             stride,
             pad: [pad, pad],
@@ -296,6 +308,7 @@ mod tests {
         let op = BiasPrelu {
             bias: Arc::new(vec![1.0, -1.0]),
             prelu: Some(Arc::new(vec![0.5, 0.25])),
+            cap: None,
         };
         let x = Tensor::new(&[[[0.5f32, -3.0]], [[0.5, 2.0]]], &Device::Cpu)
             .unwrap()
@@ -310,5 +323,20 @@ mod tests {
             y.i((0, 1, 0)).unwrap().to_vec1::<f32>().unwrap(),
             [-0.125, 1.0]
         );
+    }
+
+    #[test]
+    fn bias_relu6_clamps_both_ends() {
+        let op = BiasPrelu {
+            bias: Arc::new(vec![1.0]),
+            prelu: Some(Arc::new(vec![0.0])),
+            cap: Some(6.0),
+        };
+        let x = Tensor::new(&[-4.0f32, 2.0, 9.0], &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 1, 3))
+            .unwrap();
+        let y = op.forward(&x).unwrap().flatten_all().unwrap();
+        assert_eq!(y.to_vec1::<f32>().unwrap(), [0.0, 3.0, 6.0]);
     }
 }

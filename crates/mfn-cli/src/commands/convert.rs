@@ -10,12 +10,13 @@ use super::{load_model, THRESHOLD_KEY};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Source checkpoint: an MXNet `*-symbol.json` (its `.params` beside it), an `.onnx`
-    /// model or a native file.
+    /// model, a PyTorch `.pt`/`.pth` state dict or a native file.
     input: PathBuf,
     /// The native `.safetensors` file to write.
     output: PathBuf,
-    /// Config preset the source graph is checked against (`y1`, `mbf`, `paper`)
-    /// [default: `y1` for MXNet; for ONNX, the preset the graph matches].
+    /// Config preset the source graph is checked against (`paper`, `y1`, `mbf`,
+    /// `mbf_large`, `foamliu`) [default: `y1` for MXNet; for ONNX and PyTorch, the preset
+    /// the weights match].
     #[arg(long)]
     preset: Option<String>,
     /// Verification threshold (a cosine) to store in the model's metadata; `mfn-cli eval

@@ -65,6 +65,7 @@ impl Conv {
                 weight: Arc::new(weight.flatten_all()?.to_vec1()?),
                 bias: Arc::new(bias.to_vec1()?),
                 prelu: slope,
+                cap: None,
                 kernel: [k, k],
                 stride,
                 pad: [pad, pad],

@@ -411,28 +411,22 @@ pub fn expected_graph(config: &Config) -> Vec<Node> {
                 fix_gamma: false,
             },
         });
-        if spec.prelu {
+        if spec.has_prelu() {
             out.push(Node {
                 name: format!("{}_relu", spec.name),
                 layer: Layer::PRelu,
             });
         }
     };
-    conv(&mut out, &plan.stem);
-    conv(&mut out, &plan.stem_dw);
-    for b in &plan.blocks {
-        for unit in [&b.expand, &b.depthwise, &b.project] {
-            conv(&mut out, unit);
-        }
-        if b.residual {
+    for (spec, residual) in plan.convs().zip(plan.residual_after()) {
+        conv(&mut out, spec);
+        if residual {
             out.push(Node {
                 name: "(residual add)".into(),
                 layer: Layer::Add,
             });
         }
     }
-    conv(&mut out, &plan.last);
-    conv(&mut out, &plan.gdconv);
     out.push(Node {
         name: "pre_fc1".into(),
         layer: Layer::FullyConnected {

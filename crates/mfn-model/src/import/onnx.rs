@@ -7,16 +7,17 @@
 //!
 //! Exporters give initializers opaque names (`onnx::Conv_548`), so weights are matched to
 //! the network by graph order: each Conv (with its BatchNormalization when not folded, and
-//! its PRelu), each residual Add, and the final Gemm/MatMul and BatchNormalization, in turn,
-//! against the layers a [`Config`] implies. A leading Sub/Mul (or Sub/Div) on the input is
-//! taken as the input normalisation, as insightface's `arcface_onnx.py` does.
+//! its PRelu, Relu or Clip(0, 6)), each residual Add, and the final Gemm/MatMul (or 1x1
+//! Conv) and BatchNormalization, in turn, against the layers a [`Config`] implies. A
+//! leading Sub/Mul (or Sub/Div), by a scalar or one value per channel, is taken as the
+//! input normalisation, as insightface's `arcface_onnx.py` does.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use crate::config::{Config, ConvSpec, InputNorm};
+use crate::config::{Activation, Config, ConvSpec, InputNorm};
 use crate::{Error, Result};
 
 fn err(path: &Path, message: impl Into<String>) -> Error {
@@ -376,6 +377,8 @@ struct ConvUnit {
     bias: Option<Array>,
     /// gamma, beta, mean, var, eps.
     bn: Option<(Array, Array, Array, Array, f32)>,
+    act: Option<Activation>,
+    /// PReLU slopes, when `act` is PReLU.
     slope: Option<Array>,
     groups: usize,
     kernel: [usize; 2],
@@ -433,16 +436,18 @@ fn layers(g: &Graph, path: &Path) -> Result<(Vec<Layer>, Option<InputNorm>)> {
             )
         })
     };
-    let scalar = |node: &Node| -> Option<f32> {
-        node.inputs
-            .iter()
-            .find_map(|i| resolve(i))
-            .filter(|a| a.data.len() == 1)
-            .map(|a| a.data[0])
+    // A constant operand of one value, or of one value per RGB channel.
+    let per_channel = |node: &Node| -> Option<[f32; 3]> {
+        let a = node.inputs.iter().find_map(|i| resolve(i))?;
+        match a.data[..] {
+            [v] => Some([v; 3]),
+            [r, g, b] => Some([r, g, b]),
+            _ => None,
+        }
     };
     let mut out: Vec<Layer> = Vec::new();
     let mut norm: Option<InputNorm> = None;
-    let mut pending_sub: Option<f32> = None;
+    let mut pending_sub: Option<[f32; 3]> = None;
     for n in &g.nodes {
         let bn_of = |n: &Node| -> Result<(Array, Array, Array, Array, f32)> {
             Ok((
@@ -455,15 +460,31 @@ fn layers(g: &Graph, path: &Path) -> Result<(Vec<Layer>, Option<InputNorm>)> {
         };
         match n.op.as_str() {
             "Identity" | "Flatten" | "Reshape" | "Dropout" => {}
-            "Sub" if out.is_empty() => pending_sub = scalar(n),
+            "Sub" if out.is_empty() => {
+                pending_sub = Some(per_channel(n).ok_or_else(|| {
+                    err(
+                        path,
+                        format!(
+                            "node `{}`: Sub by something other than a scalar or 3 values",
+                            n.name
+                        ),
+                    )
+                })?)
+            }
             "Mul" | "Div" if out.is_empty() => {
-                let v = scalar(n).ok_or_else(|| {
-                    err(path, format!("node `{}`: {} by a non-scalar", n.name, n.op))
+                let v = per_channel(n).ok_or_else(|| {
+                    err(
+                        path,
+                        format!(
+                            "node `{}`: {} by something other than a scalar or 3 values",
+                            n.name, n.op
+                        ),
+                    )
                 })?;
-                let scale = if n.op == "Div" { 1.0 / v } else { v };
+                let scale = if n.op == "Div" { v.map(|v| 1.0 / v) } else { v };
                 norm = Some(InputNorm {
-                    mean: [pending_sub.unwrap_or(0.0); 3],
-                    scale: [scale; 3],
+                    mean: pending_sub.unwrap_or([0.0; 3]),
+                    scale,
                 });
             }
             "Conv" => {
@@ -497,6 +518,7 @@ fn layers(g: &Graph, path: &Path) -> Result<(Vec<Layer>, Option<InputNorm>)> {
                         None
                     },
                     bn: None,
+                    act: None,
                     slope: None,
                     groups: ints("group", vec![1])[0].max(1) as usize,
                     kernel: [k[0] as usize, k[1] as usize],
@@ -505,9 +527,7 @@ fn layers(g: &Graph, path: &Path) -> Result<(Vec<Layer>, Option<InputNorm>)> {
                 })));
             }
             "BatchNormalization" => match out.last_mut() {
-                Some(Layer::Conv(c)) if c.bn.is_none() && c.slope.is_none() => {
-                    c.bn = Some(bn_of(n)?)
-                }
+                Some(Layer::Conv(c)) if c.bn.is_none() && c.act.is_none() => c.bn = Some(bn_of(n)?),
                 Some(Layer::Linear { bn, .. }) if bn.is_none() => *bn = Some(bn_of(n)?),
                 _ => {
                     return Err(err(
@@ -519,8 +539,44 @@ fn layers(g: &Graph, path: &Path) -> Result<(Vec<Layer>, Option<InputNorm>)> {
                     ))
                 }
             },
+            "Relu" | "Clip" => {
+                let act = if n.op == "Relu" {
+                    Activation::Relu
+                } else {
+                    // Opset 11+ gives the bounds as inputs, older opsets as attributes.
+                    let bound = |i: usize, key: &str| {
+                        n.inputs
+                            .get(i)
+                            .filter(|name| !name.is_empty())
+                            .and_then(|name| resolve(name))
+                            .and_then(|a| a.data.first().copied())
+                            .or_else(|| n.floats.get(key).copied())
+                    };
+                    match (bound(1, "min"), bound(2, "max")) {
+                        (Some(lo), Some(hi)) if lo == 0.0 && hi == 6.0 => Activation::Relu6,
+                        (lo, hi) => {
+                            return Err(err(
+                                path,
+                                format!("node `{}`: Clip({lo:?}, {hi:?}) is not a ReLU6", n.name),
+                            ))
+                        }
+                    }
+                };
+                match out.last_mut() {
+                    Some(Layer::Conv(c)) if c.act.is_none() => c.act = Some(act),
+                    _ => {
+                        return Err(err(
+                            path,
+                            format!("node `{}`: a {} that follows no conv", n.name, n.op),
+                        ))
+                    }
+                }
+            }
             "PRelu" => match out.last_mut() {
-                Some(Layer::Conv(c)) if c.slope.is_none() => c.slope = Some(weight(n, 1)?),
+                Some(Layer::Conv(c)) if c.act.is_none() => {
+                    c.act = Some(Activation::PRelu);
+                    c.slope = Some(weight(n, 1)?)
+                }
                 _ => {
                     return Err(err(
                         path,
@@ -605,10 +661,7 @@ fn assign(
     }
     let plan = config.plan();
     let convs: Vec<&ConvSpec> = plan.convs().collect();
-    let residuals: Vec<bool> = std::iter::repeat_n(false, 2)
-        .chain(plan.blocks.iter().flat_map(|b| [false, false, b.residual]))
-        .chain([false, false])
-        .collect();
+    let residuals = plan.residual_after();
     let mut out: HashMap<String, Array> = HashMap::new();
     let mut it = layers.into_iter().peekable();
     let mismatch = |node: &str, what: String| Error::GraphMismatch {
@@ -632,22 +685,18 @@ fn assign(
             && c.kernel == spec.kernel
             && c.stride == [spec.stride; 2]
             && c.pads == [spec.pad[0], spec.pad[1], spec.pad[0], spec.pad[1]]
-            && c.slope.is_some() == spec.prelu;
+            && c.act == spec.act;
         if !ok {
             return Err(Error::GraphMismatch {
                 path: path.to_path_buf(),
                 node: c.node.clone(),
                 expected: format!(
-                    "`{}`: weight {want_w:?}, groups {}, stride {}, pad {:?}, PReLU {}",
-                    spec.name, spec.groups, spec.stride, spec.pad, spec.prelu
+                    "`{}`: weight {want_w:?}, groups {}, stride {}, pad {:?}, activation {:?}",
+                    spec.name, spec.groups, spec.stride, spec.pad, spec.act
                 ),
                 found: format!(
-                    "weight {:?}, groups {}, stride {:?}, pads {:?}, PReLU {}",
-                    c.weight.dims,
-                    c.groups,
-                    c.stride,
-                    c.pads,
-                    c.slope.is_some()
+                    "weight {:?}, groups {}, stride {:?}, pads {:?}, activation {:?}",
+                    c.weight.dims, c.groups, c.stride, c.pads, c.act
                 ),
             });
         }
@@ -717,12 +766,33 @@ fn assign(
         }
     }
     let e = &plan.embedding;
+    // Some exporters keep the embedding layer as a 1x1 conv on the 1x1 GDConv output.
+    let head = match it.next() {
+        Some(Layer::Conv(c))
+            if c.kernel == [1, 1]
+                && c.groups == 1
+                && c.act.is_none()
+                && c.weight.dims.len() == 4 =>
+        {
+            let dims = vec![c.weight.dims[0], c.weight.dims[1]];
+            Some(Layer::Linear {
+                node: c.node,
+                weight: Array {
+                    dims,
+                    data: c.weight.data,
+                },
+                bias: c.bias,
+                bn: c.bn,
+            })
+        }
+        other => other,
+    };
     let Some(Layer::Linear {
         node,
         weight,
         bias,
         bn,
-    }) = it.next()
+    }) = head
     else {
         return Err(mismatch(
             "(end of graph)",
@@ -768,10 +838,9 @@ fn assign(
     Ok((config, out))
 }
 
-/// Reads an ONNX MobileFaceNet. With `config`, the graph must match it; without, the
-/// presets `y1`, `mbf` and `paper` are tried in turn. `input_norm` overrides the
-/// normalisation for graphs that do not apply one themselves (insightface's convention,
-/// `(x - 127.5) / 127.5`, is the default then).
+/// Reads an ONNX MobileFaceNet. With `config`, the graph must match it; without, every
+/// preset is tried in turn. `input_norm` overrides the normalisation; otherwise the graph's
+/// own (a leading Sub/Mul) is used, and failing that the config's.
 pub fn load(
     path: &Path,
     config: Option<&Config>,
@@ -784,13 +853,10 @@ pub fn load(
     })?;
     let g = parse_model(&bytes, path)?;
     let (_, norm) = layers(&g, path)?;
-    let norm = input_norm.or(norm).unwrap_or(InputNorm {
-        mean: [127.5; 3],
-        scale: [1.0 / 127.5; 3],
-    });
+    let norm = input_norm.or(norm);
     let candidates: Vec<Config> = match config {
         Some(c) => vec![c.clone()],
-        None => ["y1", "mbf", "paper"]
+        None => Config::PRESETS
             .iter()
             .filter_map(|n| Config::preset(n))
             .collect(),
@@ -799,7 +865,7 @@ pub fn load(
     for c in &candidates {
         // Matching consumes the layers, so each candidate walks the graph afresh.
         let (found, _) = layers(&g, path)?;
-        match assign(found, Some(norm.clone()), c, path) {
+        match assign(found, norm.clone(), c, path) {
             Ok((config, arrays)) => {
                 let tensors = arrays
                     .into_iter()

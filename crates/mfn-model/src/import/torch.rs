@@ -13,6 +13,7 @@ use std::path::Path;
 use candle_core::pickle::{Object, Stack};
 use candle_core::{DType, Device, Tensor};
 
+use crate::config::{Config, EmbeddingSpec, Plan};
 use crate::{Error, Result};
 
 /// The pickled magic number that opens the legacy layout: protocol 2, a 10-byte LONG1
@@ -199,5 +200,284 @@ fn read_legacy(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tensor)>> {
         };
         out.push((info.name, t));
     }
+    Ok(out)
+}
+
+/// The PyTorch MobileFaceNet layouts whose parameter names map onto this crate's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TorchLayout {
+    /// foamliu/MobileFaceNet: `conv1`, `dw_conv`, `features.N.conv`, `conv2`, `gdconv`,
+    /// `conv3`, `bn` ([`Config::foamliu`]).
+    Foamliu,
+    /// insightface arcface_torch's `get_mbf` / `get_mbf_large`: `layers.K...`,
+    /// `conv_sep`, `features` ([`Config::mbf`], [`Config::mbf_large`]).
+    ArcfaceTorch,
+}
+
+impl TorchLayout {
+    /// Recognises a layout by its parameter names.
+    pub fn detect(names: &HashMap<String, Tensor>) -> Option<Self> {
+        if names.contains_key("dw_conv.pointwise.weight") && names.contains_key("conv3.weight") {
+            Some(Self::Foamliu)
+        } else if names.contains_key("layers.0.layers.0.weight")
+            && names.contains_key("features.layers.2.weight")
+        {
+            Some(Self::ArcfaceTorch)
+        } else {
+            None
+        }
+    }
+
+    /// The configs this layout can hold, most common first.
+    fn candidates(self) -> Vec<Config> {
+        match self {
+            Self::Foamliu => vec![Config::foamliu()],
+            Self::ArcfaceTorch => vec![Config::mbf(), Config::mbf_large()],
+        }
+    }
+}
+
+/// Where each conv unit of a plan lives in a PyTorch layout: conv weight, BatchNorm
+/// prefix and, for PReLU units, the slope.
+struct TorchUnit {
+    weight: String,
+    bn: String,
+    prelu: Option<String>,
+}
+
+/// The torch names of every conv of `plan`, in [`Plan::convs`] order, and of the
+/// embedding layer (weight, bias, BatchNorm prefix).
+fn torch_names(layout: TorchLayout, plan: &Plan) -> (Vec<TorchUnit>, [String; 3]) {
+    let unit = |weight: String, bn: String, prelu: Option<String>| TorchUnit { weight, bn, prelu };
+    let mut units = Vec::new();
+    match layout {
+        TorchLayout::Foamliu => {
+            let seq = |p: &str| unit(format!("{p}.0.weight"), format!("{p}.1"), None);
+            units.push(seq("conv1"));
+            units.push(unit(
+                "dw_conv.depthwise.weight".into(),
+                "dw_conv.bn1".into(),
+                None,
+            ));
+            units.push(unit(
+                "dw_conv.pointwise.weight".into(),
+                "dw_conv.bn2".into(),
+                None,
+            ));
+            for i in 0..plan.blocks.len() {
+                units.push(seq(&format!("features.{i}.conv.0")));
+                units.push(seq(&format!("features.{i}.conv.1")));
+                units.push(unit(
+                    format!("features.{i}.conv.2.weight"),
+                    format!("features.{i}.conv.3"),
+                    None,
+                ));
+            }
+            units.push(seq("conv2"));
+            units.push(unit(
+                "gdconv.depthwise.weight".into(),
+                "gdconv.bn".into(),
+                None,
+            ));
+            (
+                units,
+                ["conv3.weight".into(), "conv3.bias".into(), "bn".into()],
+            )
+        }
+        TorchLayout::ArcfaceTorch => {
+            // ConvBlock / LinearBlock: `{p}.layers.{0: conv, 1: bn, 2: prelu}`.
+            let block = |p: String, prelu: bool| {
+                unit(
+                    format!("{p}.layers.0.weight"),
+                    format!("{p}.layers.1"),
+                    prelu.then(|| format!("{p}.layers.2.weight")),
+                )
+            };
+            units.push(block("layers.0".into(), true));
+            let mut k = 1;
+            if plan.stem_dw.is_some() {
+                units.push(block("layers.1".into(), true));
+                k = 2;
+            }
+            // A strided (or widening) block is a `DepthWise` module of its own; runs of
+            // residual blocks share one `Residual` module, `layers.K.layers.J`.
+            let mut in_residual: Option<(usize, usize)> = None;
+            for b in &plan.blocks {
+                let prefix = if b.residual {
+                    let (module, j) = match in_residual {
+                        Some((m, j)) => (m, j + 1),
+                        None => {
+                            k += 1;
+                            (k - 1, 0)
+                        }
+                    };
+                    in_residual = Some((module, j));
+                    format!("layers.{module}.layers.{j}")
+                } else {
+                    in_residual = None;
+                    k += 1;
+                    format!("layers.{}", k - 1)
+                };
+                units.push(block(format!("{prefix}.layers.0"), true));
+                units.push(block(format!("{prefix}.layers.1"), true));
+                units.push(block(format!("{prefix}.layers.2"), false));
+            }
+            units.push(block("conv_sep".into(), true));
+            units.push(block("features.layers.0".into(), false));
+            (
+                units,
+                [
+                    "features.layers.2.weight".into(),
+                    "features.layers.2.bias".into(),
+                    "features.layers.3".into(),
+                ],
+            )
+        }
+    }
+}
+
+/// Renames a layout's tensors to `config`'s checkpoint names, checking every shape.
+fn rename(
+    layout: TorchLayout,
+    config: &Config,
+    sd: &HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<HashMap<String, Tensor>> {
+    let plan = config.plan();
+    let (units, [fc_w, fc_b, fc_bn]) = torch_names(layout, &plan);
+    let get = |name: &str| {
+        sd.get(name).cloned().ok_or_else(|| Error::MissingWeight {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+        })
+    };
+    let mut out = HashMap::new();
+    let bn = |out: &mut HashMap<String, Tensor>, torch: &str, ours: &str| -> Result<()> {
+        for (t, o) in [
+            ("weight", "gamma"),
+            ("bias", "beta"),
+            ("running_mean", "moving_mean"),
+            ("running_var", "moving_var"),
+        ] {
+            out.insert(format!("{ours}_{o}"), get(&format!("{torch}.{t}"))?);
+        }
+        Ok(())
+    };
+    for (spec, u) in plan.convs().zip(&units) {
+        out.insert(spec.weight_name(), get(&u.weight)?);
+        bn(&mut out, &u.bn, &spec.bn_name())?;
+        match (&u.prelu, spec.has_prelu()) {
+            (Some(p), true) => {
+                out.insert(spec.prelu_name(), get(p)?);
+            }
+            (None, false) => {}
+            _ => {
+                return Err(torch_err(
+                    path,
+                    format!("layout and config `{}` disagree on PReLU", config.name),
+                ))
+            }
+        }
+    }
+    let e = &plan.embedding;
+    // foamliu's embedding layer is a 1x1 conv on the 1x1 GDConv output: a linear layer.
+    let w = get(&fc_w)?;
+    let w = if w.rank() == 4 { w.flatten_from(1)? } else { w };
+    out.insert(EmbeddingSpec::WEIGHT.into(), w);
+    if e.bias {
+        out.insert(EmbeddingSpec::BIAS.into(), get(&fc_b)?);
+    }
+    bn(&mut out, &fc_bn, EmbeddingSpec::BN)?;
+    crate::checkpoint::check_weights(config, &out, path)?;
+    Ok(out)
+}
+
+/// Reads a PyTorch MobileFaceNet checkpoint in one of the [`TorchLayout`]s, renamed to this
+/// crate's names. With `config` the weights must fit it; without, the layout's presets are
+/// tried, with the embedding size taken from the checkpoint.
+pub fn load(
+    path: &Path,
+    config: Option<&Config>,
+    device: &Device,
+) -> Result<(Config, HashMap<String, Tensor>)> {
+    from_state_dict(read_state_dict(path, device)?, config, path)
+}
+
+/// [`load`] on a state dict already in memory; `path` names it in errors.
+pub fn from_state_dict(
+    sd: HashMap<String, Tensor>,
+    config: Option<&Config>,
+    path: &Path,
+) -> Result<(Config, HashMap<String, Tensor>)> {
+    let layout = TorchLayout::detect(&sd).ok_or_else(|| {
+        torch_err(
+            path,
+            "unknown layout: expected foamliu/MobileFaceNet (`dw_conv.*`, `features.N.conv.*`) \
+             or insightface arcface_torch mbf (`layers.K.*`, `conv_sep.*`, `features.layers.*`)",
+        )
+    })?;
+    let candidates = match config {
+        Some(c) => vec![c.clone()],
+        None => layout.candidates(),
+    };
+    let mut first_err = None;
+    for mut c in candidates {
+        if config.is_none() {
+            if let Some(w) = sd.get(&torch_names(layout, &c.plan()).1[0]) {
+                c.embedding_size = w.dim(0)?;
+            }
+        }
+        match rename(layout, &c, &sd, path) {
+            Ok(t) => return Ok((c, t)),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_err.unwrap_or_else(|| torch_err(path, "no config to match")))
+}
+
+/// The inverse of the import: this crate's weights for `config` under a PyTorch layout's
+/// names, for handing a model back to PyTorch code. foamliu's embedding weight becomes
+/// its `[out, in, 1, 1]` conv again.
+pub fn to_layout(
+    layout: TorchLayout,
+    config: &Config,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<HashMap<String, Tensor>> {
+    let path = Path::new("(weights in memory)");
+    crate::checkpoint::check_weights(config, tensors, path)?;
+    let plan = config.plan();
+    let (units, [fc_w, fc_b, fc_bn]) = torch_names(layout, &plan);
+    let mut out = HashMap::new();
+    let bn = |out: &mut HashMap<String, Tensor>, torch: &str, ours: &str| {
+        for (t, o) in [
+            ("weight", "gamma"),
+            ("bias", "beta"),
+            ("running_mean", "moving_mean"),
+            ("running_var", "moving_var"),
+        ] {
+            if let Some(v) = tensors.get(&format!("{ours}_{o}")) {
+                out.insert(format!("{torch}.{t}"), v.clone());
+            }
+        }
+    };
+    for (spec, u) in plan.convs().zip(&units) {
+        out.insert(u.weight.clone(), tensors[&spec.weight_name()].clone());
+        bn(&mut out, &u.bn, &spec.bn_name());
+        if let (Some(p), Some(v)) = (&u.prelu, tensors.get(&spec.prelu_name())) {
+            out.insert(p.clone(), v.clone());
+        }
+    }
+    let w = tensors[EmbeddingSpec::WEIGHT].clone();
+    let w = match layout {
+        TorchLayout::Foamliu => w.unsqueeze(2)?.unsqueeze(3)?,
+        TorchLayout::ArcfaceTorch => w,
+    };
+    out.insert(fc_w, w);
+    if let Some(b) = tensors.get(EmbeddingSpec::BIAS) {
+        out.insert(fc_b, b.clone());
+    }
+    bn(&mut out, &fc_bn, EmbeddingSpec::BN);
     Ok(out)
 }
