@@ -86,6 +86,45 @@ fn convert_writes_a_native_model_that_embeds_identically() {
     assert!((norm - 1.0).abs() < 1e-5);
 }
 
+#[test]
+fn convert_reads_pytorch_and_stores_a_given_input_norm() {
+    let dir = tempfile::tempdir().unwrap();
+    let native = dir.path().join("foamliu.safetensors");
+    let pt = asset("models/foamliu-mobilefacenet/mobilefacenet.pt");
+    let out = ok(mfn(&[
+        "convert",
+        pt.to_str().unwrap(),
+        native.to_str().unwrap(),
+    ]));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("config `foamliu`"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let ckpt = mfn_model::Checkpoint::load(&native, None, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(ckpt.config.input_norm, mfn_model::InputNorm::imagenet());
+
+    ok(mfn(&[
+        "convert",
+        "--input-norm",
+        "127.5,0.0078125",
+        pt.to_str().unwrap(),
+        native.to_str().unwrap(),
+    ]));
+    let ckpt = mfn_model::Checkpoint::load(&native, None, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(ckpt.config.input_norm, mfn_model::InputNorm::insightface());
+
+    let out = mfn(&[
+        "convert",
+        "--input-norm",
+        "127.5,0",
+        pt.to_str().unwrap(),
+        native.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("MEAN,SCALE"), "{}", stderr(&out));
+}
+
 /// Writes a pairs file of the given lines with a `folds n` header.
 fn pairs_file(dir: &Path, header: &str, lines: &[String]) -> PathBuf {
     let p = dir.join("pairs.txt");

@@ -28,6 +28,47 @@ impl InputNorm {
             scale: [1.0; 3],
         }
     }
+
+    /// insightface arcface_torch's models: `(x - 127.5) / 127.5`.
+    pub fn arcface_torch() -> Self {
+        Self {
+            mean: [127.5; 3],
+            scale: [1.0 / 127.5; 3],
+        }
+    }
+
+    /// torchvision's ImageNet statistics: `(x / 255 - mean) / std`.
+    pub fn imagenet() -> Self {
+        const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+        const STD: [f32; 3] = [0.229, 0.224, 0.225];
+        Self {
+            mean: MEAN.map(|m| m * 255.0),
+            scale: STD.map(|s| 1.0 / (255.0 * s)),
+        }
+    }
+
+    /// Names [`InputNorm::parse`] accepts.
+    pub const NAMES: &'static [&'static str] = &["mxnet", "torch", "imagenet", "none"];
+
+    /// A normalisation by name (`mxnet`: insightface's MXNet models, `torch`:
+    /// arcface_torch, `imagenet`, `none`), or as `MEAN,SCALE` numbers applied to every
+    /// channel. `None` when the text is neither.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "mxnet" => Some(Self::insightface()),
+            "torch" => Some(Self::arcface_torch()),
+            "imagenet" => Some(Self::imagenet()),
+            "none" => Some(Self::identity()),
+            _ => {
+                let (m, s) = text.split_once(',')?;
+                let (m, s) = (m.trim().parse::<f32>().ok()?, s.trim().parse::<f32>().ok()?);
+                (m.is_finite() && s.is_finite() && s != 0.0).then_some(Self {
+                    mean: [m; 3],
+                    scale: [s; 3],
+                })
+            }
+        }
+    }
 }
 
 /// The nonlinearity after a conv and its BatchNorm.
@@ -213,10 +254,7 @@ impl Config {
         Self {
             name: "mbf".into(),
             input_size: [112, 112],
-            input_norm: InputNorm {
-                mean: [127.5; 3],
-                scale: [1.0 / 127.5; 3],
-            },
+            input_norm: InputNorm::arcface_torch(),
             stem_channels: 128,
             stem: StemKind::Depthwise,
             stem_groups: Some(64),
@@ -266,14 +304,9 @@ impl Config {
     /// with bias and a BatchNorm as the embedding layer, BatchNorm eps 1e-5, and input
     /// `(x / 255 - mean) / std` with ImageNet's mean and std.
     pub fn foamliu() -> Self {
-        const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-        const STD: [f32; 3] = [0.229, 0.224, 0.225];
         Self {
             name: "foamliu".into(),
-            input_norm: InputNorm {
-                mean: MEAN.map(|m| m * 255.0),
-                scale: STD.map(|s| 1.0 / (255.0 * s)),
-            },
+            input_norm: InputNorm::imagenet(),
             stem: StemKind::Separable(Activation::Relu),
             head: Head {
                 fc_bias: true,
@@ -674,6 +707,21 @@ mod tests {
         assert!(!plan.blocks[0].residual && plan.blocks[1].residual);
         assert!(plan.blocks[6].residual, "res_4_block0 keeps 128 channels");
         assert_eq!(plan.blocks[5].expand.out_channels, 256);
+    }
+
+    #[test]
+    fn input_norm_parses_names_and_numbers() {
+        assert_eq!(InputNorm::parse("torch"), Some(InputNorm::arcface_torch()));
+        assert_eq!(
+            InputNorm::parse("127.5, 0.0078125"),
+            Some(InputNorm::insightface())
+        );
+        for bad in ["", "1", "1,0", "a,b", "nan,1", "imagenet2"] {
+            assert_eq!(InputNorm::parse(bad), None, "{bad}");
+        }
+        for name in InputNorm::NAMES {
+            assert!(InputNorm::parse(name).is_some());
+        }
     }
 
     #[test]

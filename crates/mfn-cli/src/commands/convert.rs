@@ -23,6 +23,21 @@ pub struct Args {
     /// --save-threshold` measures one on LFW instead.
     #[arg(long)]
     threshold: Option<f64>,
+    /// Input normalisation to store, for weights whose file does not carry it (an ONNX
+    /// graph without a leading Sub/Mul, a state dict): `mxnet` (x - 127.5) / 128, `torch`
+    /// (x - 127.5) / 127.5, `imagenet`, `none`, or `MEAN,SCALE` for (x - MEAN) * SCALE
+    /// [default: what the file or the preset says].
+    #[arg(long, value_parser = parse_norm)]
+    input_norm: Option<mfn_model::InputNorm>,
+}
+
+fn parse_norm(text: &str) -> Result<mfn_model::InputNorm, String> {
+    mfn_model::InputNorm::parse(text).ok_or_else(|| {
+        format!(
+            "expected one of {} or MEAN,SCALE with a non-zero SCALE",
+            mfn_model::InputNorm::NAMES.join(", ")
+        )
+    })
 }
 
 /// Runs the command.
@@ -39,6 +54,9 @@ pub fn run(args: Args) -> Result<()> {
             format!("{THRESHOLD_KEY}.source"),
             "given to mfn-cli convert".into(),
         );
+    }
+    if let Some(norm) = args.input_norm {
+        ckpt.config.input_norm = norm;
     }
     ckpt.save(&args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
