@@ -2,6 +2,11 @@
 
 mod commands;
 
+// Training frees and reallocates activation-sized buffers every step; mimalloc keeps them
+// instead of handing them back to the kernel and faulting them in again.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 
 /// Face verification with MobileFaceNet.
@@ -23,7 +28,7 @@ enum Command {
     Eval(commands::eval::Args),
     /// Writes embeddings of aligned face images as JSON.
     Embed(commands::embed::Args),
-    /// Converts a checkpoint (MXNet `*-symbol.json`) to the native safetensors format.
+    /// Converts a checkpoint (MXNet, ONNX, PyTorch) to the native safetensors format.
     Convert(commands::convert::Args),
     /// Finds faces in photos and writes them aligned (ArcFace or SphereFace layout).
     Align(commands::align::Args),
@@ -31,6 +36,8 @@ enum Command {
     Verify(commands::verify::Args),
     /// Packs a pair list and its images as an insightface `.bin` verification set.
     PackBin(commands::pack_bin::Args),
+    /// Trains a MobileFaceNet with a margin loss (ArcFace by default), or fine-tunes one.
+    Train(Box<commands::train::Args>),
 }
 
 fn main() {
@@ -52,6 +59,7 @@ fn main() {
         Command::Align(args) => commands::align::run(args).map(|_| 0),
         Command::Verify(args) => commands::verify::run(args).map(|same| if same { 0 } else { 1 }),
         Command::PackBin(args) => commands::pack_bin::run(args).map(|_| 0),
+        Command::Train(args) => commands::train::run(*args).map(|_| 0),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -99,6 +99,63 @@ impl ImageFolder {
         &self.samples
     }
 
+    /// Keeps the classes for which `keep(class index, image count)` holds, numbered anew
+    /// in their old order. It is an error for none to remain.
+    pub fn retain_classes(self, mut keep: impl FnMut(usize, usize) -> bool) -> Result<Self> {
+        let mut counts = vec![0usize; self.classes.len()];
+        for (_, c) in &self.samples {
+            counts[*c] += 1;
+        }
+        let mut renumber = vec![None; self.classes.len()];
+        let mut classes = Vec::new();
+        for (i, name) in self.classes.into_iter().enumerate() {
+            if keep(i, counts[i]) {
+                renumber[i] = Some(classes.len());
+                classes.push(name);
+            }
+        }
+        if classes.is_empty() {
+            return Err(Error::ImageFolder {
+                path: self.root,
+                message: "no class is left after filtering".into(),
+            });
+        }
+        let samples = self
+            .samples
+            .into_iter()
+            .filter_map(|(p, c)| renumber[c].map(|n| (p, n)))
+            .collect();
+        Ok(Self {
+            root: self.root,
+            classes,
+            samples,
+        })
+    }
+
+    /// Only the identities with at least `min` images (LFW's 158 people with 10 or more,
+    /// say).
+    pub fn with_min_images(self, min: usize) -> Result<Self> {
+        self.retain_classes(|_, n| n >= min)
+    }
+
+    /// Splits off `count` identities, spread evenly over the sorted class list, as a
+    /// held-out set: returns `(rest, held_out)`. Both must keep at least one class.
+    pub fn hold_out(self, count: usize) -> Result<(Self, Self)> {
+        let total = self.classes.len();
+        if count == 0 || count >= total {
+            return Err(Error::ImageFolder {
+                path: self.root,
+                message: format!("cannot hold out {count} of {total} identities"),
+            });
+        }
+        let held: std::collections::BTreeSet<usize> = (0..count)
+            .map(|i| i * total / count + total / (2 * count))
+            .collect();
+        let rest = self.clone().retain_classes(|i, _| !held.contains(&i))?;
+        let held_out = self.retain_classes(|i, _| held.contains(&i))?;
+        Ok((rest, held_out))
+    }
+
     /// Writes the images to `rec` and `idx` in insightface's layout (see
     /// [`write_insightface`]).
     pub fn write_record_file(&self, rec: &Path, idx: &Path) -> Result<InsightfaceHeader> {

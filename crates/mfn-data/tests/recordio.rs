@@ -782,3 +782,26 @@ fn write_insightface_into_memory() {
     assert_eq!(ds.insightface_header(), Some(&header));
     assert_eq!(ds.get(6).unwrap().1, 2);
 }
+
+#[test]
+fn lfw_identities_filter_and_hold_out() {
+    let root = mfn_data::assets::path("lfw/aligned-112x112").unwrap_or_else(|e| panic!("{e}"));
+    let all = ImageFolder::open(&root).unwrap();
+    assert_eq!(all.classes().len(), 5749);
+    assert_eq!(all.samples().len(), 13_233);
+    let ten = all.with_min_images(10).unwrap();
+    // LFW's well-known subset: 158 people with at least 10 images each.
+    assert_eq!(ten.classes().len(), 158);
+    assert_eq!(ten.samples().len(), 4324);
+    assert_eq!(ten.num_classes(), 158);
+    assert!(ten.samples().iter().all(|(_, c)| *c < 158));
+    let (train, held) = ten.clone().hold_out(20).unwrap();
+    assert_eq!((train.classes().len(), held.classes().len()), (138, 20));
+    assert_eq!(train.samples().len() + held.samples().len(), 4324);
+    assert!(held.classes().iter().all(|c| !train.classes().contains(c)));
+    // Class numbers are dense again on both sides.
+    assert_eq!(held.samples().iter().map(|(_, c)| *c).max(), Some(19));
+    assert!(ten.clone().hold_out(0).is_err());
+    assert!(ten.clone().hold_out(158).is_err());
+    assert!(ten.with_min_images(10_000).is_err());
+}

@@ -319,6 +319,33 @@ impl Config {
         }
     }
 
+    /// This network with every channel count (stem, bottlenecks, the conv before the
+    /// GDConv) scaled by `mult` and rounded to a multiple of 8 (at least 8), as MobileNets'
+    /// width multiplier; the embedding size stays. `mult` of 0.25 to 0.5 gives networks that
+    /// train in minutes on a CPU.
+    pub fn with_width(&self, mult: f64) -> Self {
+        let scale = |c: usize| (((c as f64 * mult) / 8.0).round() as usize * 8).max(8);
+        let mut c = self.clone();
+        c.name = format!("{}-x{mult}", self.name);
+        c.stem_channels = scale(self.stem_channels);
+        if let Some(g) = self.stem_groups {
+            // Keep the channels per group; fewer groups.
+            let per_group = self.stem_channels / g;
+            c.stem_groups = Some((c.stem_channels / per_group.max(1)).max(1));
+        }
+        c.blocks = self
+            .blocks
+            .iter()
+            .map(|b| Bottleneck {
+                c: scale(b.c),
+                hidden: b.hidden.map(scale),
+                ..*b
+            })
+            .collect();
+        c.last_channels = scale(self.last_channels);
+        c
+    }
+
     /// A preset by name: one of [`Config::PRESETS`].
     pub fn preset(name: &str) -> Option<Self> {
         match name {

@@ -1,7 +1,8 @@
 //! The building blocks: conv + BatchNorm + PReLU units, bottlenecks and the embedding layer.
 //!
-//! Every layer has two paths. `forward_graph` is the faithful graph (candle convs, BatchNorm in
-//! train or eval mode, autograd), for training and as the reference. `forward` is the
+//! Every layer has two paths. `forward_graph` is the faithful graph (candle convs, or
+//! [`crate::grad::depthwise_conv2d`] with its native backward for depthwise ones; BatchNorm
+//! in train or eval mode; autograd), for training and as the reference. `forward` is the
 //! inference path: BatchNorm is folded into the conv or FC weights when the layer is built,
 //! depthwise convs use [`crate::ops::DepthwiseConv2d`], and 1x1 convs run as plain matrix
 //! products with no im2col copy.
@@ -13,15 +14,34 @@ use candle_nn::{BatchNorm, Init, VarBuilder};
 
 use crate::config::{Activation, BlockSpec, ConvSpec, EmbeddingSpec};
 use crate::engine;
+use crate::grad::{depthwise_conv2d, GraphConv};
 use crate::ops::{BiasPrelu, DepthwiseConv2d};
+use crate::train_ops::{batch_norm_train, prelu, BatchStats};
 
-/// `max(x, 0) + a * min(x, 0)` with one slope per channel (dim 1), differentiable.
-fn prelu(x: &Tensor, slope: &Tensor) -> Result<Tensor> {
-    let mut shape = vec![1; x.rank()];
-    shape[1] = slope.elem_count();
-    let a = slope.reshape(shape)?;
-    let zeros = x.zeros_like()?;
-    x.maximum(&zeros)? + x.minimum(&zeros)?.broadcast_mul(&a)?
+/// BatchNorm on the graph path. In train mode on the CPU it runs the fused op with its
+/// native backward and updates the running statistics as candle's `BatchNorm` would
+/// (`running = (1 - momentum) * running + momentum * batch`, unbiased variance).
+fn batch_norm_graph(bn: &BatchNorm, y: &Tensor, train: bool) -> Result<Tensor> {
+    if !train || !y.device().is_cpu() || y.dtype() != DType::F32 {
+        return bn.forward_t(y, train);
+    }
+    let (gamma, beta) = bn
+        .weight_and_bias()
+        .ok_or_else(|| candle_core::Error::Msg("BatchNorm without affine parameters".into()))?;
+    let stats = BatchStats::default();
+    let out = batch_norm_train(y, gamma, beta, bn.eps(), &stats)?;
+    let batch = stats.lock().ok().and_then(|mut s| s.take());
+    if let Some((mean, var)) = batch {
+        let m = bn.momentum();
+        for (running, batch) in [(bn.running_mean(), mean), (bn.running_var(), var)] {
+            let batch = Tensor::from_vec(batch, running.shape(), running.device())?;
+            // The running tensors are the checkpoint's variables, so setting them in place
+            // is what makes a saved model carry the statistics.
+            let var = candle_core::Var::from_tensor(running)?;
+            var.set(&((running * (1.0 - m))? + (batch * m)?)?)?;
+        }
+    }
+    Ok(out)
 }
 
 /// Reads a BatchNorm in MXNet's naming: `{prefix}_gamma`, `_beta`, `_moving_mean`, `_moving_var`.
@@ -189,14 +209,17 @@ impl ConvBnAct {
 
     /// The activation on the graph path.
     fn activate(&self, y: Tensor) -> Result<Tensor> {
+        let cap = self.cap();
         match (self.spec.act, &self.slope) {
             (None, _) => Ok(y),
-            (Some(Activation::PRelu), Some(a)) => prelu(&y, a),
+            (Some(Activation::PRelu), Some(a)) => prelu(&y, a, cap),
             (Some(Activation::PRelu), None) => {
                 candle_core::bail!("{}: PReLU without slopes", self.spec.name)
             }
-            (Some(Activation::Relu), _) => y.relu(),
-            (Some(Activation::Relu6), _) => y.clamp(0f32, 6f32),
+            (Some(Activation::Relu | Activation::Relu6), _) => {
+                let zero = Tensor::zeros(self.spec.out_channels, y.dtype(), y.device())?;
+                prelu(&y, &zero, cap)
+            }
         }
     }
 
@@ -381,15 +404,40 @@ impl ConvBnAct {
 impl ConvBnAct {
     /// The unfolded graph: candle conv, BatchNorm (batch statistics when `train`),
     /// activation.
+    /// Depthwise convs run as [`crate::grad::depthwise_conv2d`], whose backward pass is
+    /// native; the others through candle's `conv2d`.
     pub fn forward_graph(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = x.conv2d(
-            &self.weight,
-            self.spec.pad[0],
-            self.spec.stride,
-            1,
-            self.spec.groups,
-        )?;
-        let y = self.bn.forward_t(&y, train)?;
+        self.forward_graph_with(x, train, GraphConv::Native)
+    }
+
+    pub(crate) fn forward_graph_with(
+        &self,
+        x: &Tensor,
+        train: bool,
+        conv: GraphConv,
+    ) -> Result<Tensor> {
+        let s = &self.spec;
+        let pointwise = s.kernel == [1, 1] && s.stride == 1 && s.pad == [0, 0] && s.groups == 1;
+        let y = if s.is_depthwise() && conv == GraphConv::Native {
+            depthwise_conv2d(x, &self.weight, s.stride, s.pad)?
+        } else if pointwise && conv == GraphConv::Native {
+            // A 1x1 conv is a matrix product; candle's conv backward would take the slow
+            // transposed-conv route for it.
+            let (n, cin, h, w) = x.dims4()?;
+            self.weight
+                .reshape((s.out_channels, cin))?
+                .broadcast_matmul(&x.reshape((n, cin, h * w))?)?
+                .reshape((n, s.out_channels, h, w))?
+        } else {
+            x.conv2d(
+                &self.weight,
+                self.spec.pad[0],
+                self.spec.stride,
+                1,
+                self.spec.groups,
+            )?
+        };
+        let y = batch_norm_graph(&self.bn, &y, train)?;
         self.activate(y)
     }
 }
@@ -446,9 +494,18 @@ impl Bottleneck {
 impl Bottleneck {
     /// The unfolded graph.
     pub fn forward_graph(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.expand.forward_graph(x, train)?;
-        let y = self.depthwise.forward_graph(&y, train)?;
-        let y = self.project.forward_graph(&y, train)?;
+        self.forward_graph_with(x, train, GraphConv::Native)
+    }
+
+    pub(crate) fn forward_graph_with(
+        &self,
+        x: &Tensor,
+        train: bool,
+        conv: GraphConv,
+    ) -> Result<Tensor> {
+        let y = self.expand.forward_graph_with(x, train, conv)?;
+        let y = self.depthwise.forward_graph_with(&y, train, conv)?;
+        let y = self.project.forward_graph_with(&y, train, conv)?;
         if self.residual {
             y + x
         } else {
@@ -540,7 +597,7 @@ impl Embedding {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
-        self.bn.forward_t(&y, train)
+        batch_norm_graph(&self.bn, &y, train)
     }
 }
 

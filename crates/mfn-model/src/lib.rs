@@ -5,10 +5,12 @@ mod checkpoint;
 pub mod config;
 mod engine;
 mod error;
+pub mod grad;
 pub mod import;
 pub mod layers;
 mod model;
 pub mod ops;
+pub mod train_ops;
 
 pub use checkpoint::{Checkpoint, CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION};
 pub use config::{
@@ -16,6 +18,7 @@ pub use config::{
 };
 pub use engine::{LayerKind, LayerTimes};
 pub use error::{Error, Result};
+pub use grad::depthwise_conv2d;
 pub use layers::l2_normalize;
 pub use model::{hflip, MobileFaceNet};
 

@@ -7,6 +7,7 @@ use crate::config::{Config, Plan};
 use std::sync::{Arc, Mutex};
 
 use crate::engine::{CpuEngine, LayerTimes};
+use crate::grad::GraphConv;
 use crate::layers::{l2_normalize, Bottleneck, ConvBnAct, Embedding};
 use crate::{Error, Result};
 
@@ -164,21 +165,32 @@ impl MobileFaceNet {
             .forward(&self.gdconv.forward(&self.last.forward(&y)?)?)?)
     }
 
-    /// Raw embeddings through the unfolded graph: candle convs, BatchNorm with batch
+    /// Raw embeddings through the unfolded graph: candle convs (depthwise ones through
+    /// [`crate::depthwise_conv2d`], whose backward pass is native), BatchNorm with batch
     /// statistics when `train` (running statistics otherwise), autograd throughout. With
     /// `train == false` it is the reference that [`Self::forward`] is tested against.
     pub fn forward_graph(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_graph_with(x, train, GraphConv::Native)
+    }
+
+    pub(crate) fn forward_graph_with(
+        &self,
+        x: &Tensor,
+        train: bool,
+        conv: GraphConv,
+    ) -> Result<Tensor> {
         self.check_input(x)?;
-        let mut y = self.stem.forward_graph(&self.normalize_input(x)?, train)?;
+        let mut y = self
+            .stem
+            .forward_graph_with(&self.normalize_input(x)?, train, conv)?;
         for unit in self.stem_dw.iter().chain(&self.stem_pw) {
-            y = unit.forward_graph(&y, train)?;
+            y = unit.forward_graph_with(&y, train, conv)?;
         }
         for b in &self.blocks {
-            y = b.forward_graph(&y, train)?;
+            y = b.forward_graph_with(&y, train, conv)?;
         }
-        let y = self
-            .gdconv
-            .forward_graph(&self.last.forward_graph(&y, train)?, train)?;
+        let y = self.last.forward_graph_with(&y, train, conv)?;
+        let y = self.gdconv.forward_graph_with(&y, train, conv)?;
         Ok(self.embedding.forward_graph(&y, train)?)
     }
 

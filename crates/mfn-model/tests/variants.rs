@@ -44,8 +44,16 @@ fn random(config: &Config) -> MobileFaceNet {
 #[test]
 fn every_preset_runs_the_same_on_all_three_paths() {
     let x = input(2);
-    for name in Config::PRESETS {
-        let config = Config::preset(name).unwrap();
+    let narrow = [
+        Config::paper().with_width(0.25),
+        Config::mbf().with_width(0.5),
+    ];
+    for config in Config::PRESETS
+        .iter()
+        .map(|n| Config::preset(n).unwrap())
+        .chain(narrow)
+    {
+        let name = config.name.clone();
         let model = random(&config);
         let graph = model.forward_graph(&x, false).unwrap();
         assert_eq!(graph.dims(), [2, config.embedding_size], "{name}");
