@@ -32,6 +32,15 @@ pub enum Error {
         found: [usize; 2],
     },
 
+    /// A verification set cannot be formed as asked.
+    #[error("{}: {message}", path.display())]
+    Verification {
+        /// The set's file or folder.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+
     /// Images a protocol needs are absent.
     #[error("{} image(s) missing under {}:\n  {}", paths.len(), root.display(), list_paths(paths))]
     MissingImages {

@@ -12,6 +12,7 @@ pub mod image;
 pub mod loader;
 pub mod pairs;
 pub mod recordio;
+pub mod verification;
 
 pub use bin_set::BinSet;
 pub use dataset::{Dataset, ImageFolder, RecordDataset};
@@ -21,3 +22,4 @@ pub use image::{decode_rgb, load_batch, missing_files};
 pub use loader::{embed_batches, embed_encoded};
 pub use loader::{embed_images, Batch, BatchLoader};
 pub use pairs::{ImageRef, Pair, Pairs};
+pub use verification::VerificationSet;

@@ -106,6 +106,17 @@ impl Checkpoint {
         MobileFaceNet::new(&self.config, vb)
     }
 
+    /// Builds the network on `device` with its folded inference path in `dtype` (f32, f16
+    /// or bf16): the BatchNorm is folded in f32, then the weights are cast (see
+    /// [`MobileFaceNet::to_dtype`]).
+    pub fn build_with_dtype(&self, device: &Device, dtype: DType) -> Result<MobileFaceNet> {
+        let model = self.build(device)?;
+        if dtype == DType::F32 {
+            return Ok(model);
+        }
+        model.to_dtype(dtype)
+    }
+
     /// Writes the native format. The file is written next to `path` and renamed into place,
     /// so an interrupted save never leaves a half-written model behind.
     pub fn save(&self, path: &Path) -> Result<()> {

@@ -9,6 +9,11 @@
 //!
 //! Every output value is accumulated by a single task in a fixed order, with no atomics, so
 //! the results are bit-identical whatever the number of threads.
+//!
+//! With the `cuda` feature the same three ops run on CUDA devices as native kernels
+//! ([`crate::cuda`]): one thread per output value for the forward pass and the input
+//! gradient, one block per (channel, tap) with a fixed reduction tree for the weight
+//! gradient.
 
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -28,9 +33,9 @@ pub(crate) enum GraphConv {
 /// `x` is `[N, C, H, W]` and `w` is `[C, 1, KH, KW]`; the output is `[N, C, OH, OW]` with
 /// `OH = (H + 2 * pad[0] - KH) / stride + 1` and likewise for `OW`. This is
 /// `x.conv2d(w, pad, stride, 1, C)` (with the padding per axis), but on the CPU in `f32`
-/// it runs as a custom op whose backward pass is also native, many times faster than
-/// candle's. Other devices and dtypes fall back to candle's own conv, so the function is
-/// correct everywhere.
+/// (and on CUDA devices in `f32` with the `cuda` feature) it runs as a custom op whose
+/// backward pass is also native, many times faster than candle's. Other devices and dtypes
+/// fall back to candle's own conv, so the function is correct everywhere.
 ///
 /// Non-contiguous inputs are copied first. Mismatched shapes, a zero stride or kernel
 /// size, an empty input plane and a kernel larger than the padded input are errors.
@@ -49,8 +54,8 @@ pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: [usize; 2]) 
         pad,
     };
     let [oh, ow] = geom.out_hw(h, wd)?;
-    let native = x.device().is_cpu()
-        && w.device().is_cpu()
+    let native = crate::native_device(x.device())
+        && x.device().same_device(w.device())
         && x.dtype() == DType::F32
         && w.dtype() == DType::F32;
     if native {
@@ -115,6 +120,12 @@ impl Geometry {
             bail!("depthwise conv: kernel {kh}x{kw} is larger than the padded {h}x{w} input");
         }
         Ok([(hp - kh) / self.stride + 1, (wp - kw) / self.stride + 1])
+    }
+
+    /// The shape arguments of the CUDA kernels.
+    #[cfg(feature = "cuda")]
+    fn cuda_shape(&self, nchw: [usize; 4], out: [usize; 2]) -> Result<crate::cuda::DwShape> {
+        crate::cuda::DwShape::new(nchw, self.kernel, out, self.stride, self.pad)
     }
 
     /// The input row that output row `oy` reads through kernel row `ky`, if inside the input.
@@ -260,6 +271,22 @@ impl CustomOp2 for DepthwiseConv {
         Ok((CpuStorage::F32(y), Shape::from((n, c, oh, ow))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, h, w) = xl.shape().dims4()?;
+        check_weight(&self.geom, c, wl, self.name())?;
+        let [oh, ow] = self.geom.out_hw(h, w)?;
+        let shape = self.geom.cuda_shape([n, c, h, w], [oh, ow])?;
+        let y = crate::cuda::depthwise_forward(xs, xl, ws, wl, shape, self.name())?;
+        Ok((y, Shape::from((n, c, oh, ow))))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -355,6 +382,29 @@ impl CustomOp2 for DepthwiseConvInputGrad {
             });
         Ok((CpuStorage::F32(dx), Shape::from((n, c, h, w))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, oh, ow) = gl.shape().dims4()?;
+        let [h, w] = self.in_hw;
+        if self.geom.out_hw(h, w)? != [oh, ow] {
+            bail!(
+                "{}: gradient {:?} does not come from a {h}x{w} input",
+                self.name(),
+                gl.shape().dims()
+            );
+        }
+        check_weight(&self.geom, c, wl, self.name())?;
+        let shape = self.geom.cuda_shape([n, c, h, w], [oh, ow])?;
+        let dx = crate::cuda::depthwise_input_grad(gs, gl, ws, wl, shape, self.name())?;
+        Ok((dx, Shape::from((n, c, h, w))))
+    }
 }
 
 /// The weight gradient: `grad` `[N, C, OH, OW]` and `x` `[N, C, H, W]` to `[C, 1, KH, KW]`.
@@ -427,6 +477,30 @@ impl CustomOp2 for DepthwiseConvWeightGrad {
                 }
             });
         Ok((CpuStorage::F32(dw), Shape::from((c, 1, kh, kw))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, oh, ow) = gl.shape().dims4()?;
+        let (xn, xc, h, w) = xl.shape().dims4()?;
+        if (xn, xc) != (n, c) || self.geom.out_hw(h, w)? != [oh, ow] {
+            bail!(
+                "{}: gradient {:?} does not match input {:?}",
+                self.name(),
+                gl.shape().dims(),
+                xl.shape().dims()
+            );
+        }
+        let shape = self.geom.cuda_shape([n, c, h, w], [oh, ow])?;
+        let dw = crate::cuda::depthwise_weight_grad(gs, gl, xs, xl, shape, self.name())?;
+        let [kh, kw] = self.geom.kernel;
+        Ok((dw, Shape::from((c, 1, kh, kw))))
     }
 }
 

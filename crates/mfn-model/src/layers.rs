@@ -5,7 +5,10 @@
 //! in train or eval mode; autograd), for training and as the reference. `forward` is the
 //! inference path: BatchNorm is folded into the conv or FC weights when the layer is built,
 //! depthwise convs use [`crate::ops::DepthwiseConv2d`], and 1x1 convs run as plain matrix
-//! products with no im2col copy.
+//! products with no im2col copy. On a CUDA device (with the `cuda` feature) depthwise convs
+//! and the bias/PReLU epilogues run the native kernels of [`crate::cuda`], their parameters
+//! kept on the device; the inference path can also run in f16 or bf16
+//! ([`crate::MobileFaceNet::to_dtype`]).
 
 use std::sync::Arc;
 
@@ -22,7 +25,7 @@ use crate::train_ops::{batch_norm_train, prelu, BatchStats};
 /// native backward and updates the running statistics as candle's `BatchNorm` would
 /// (`running = (1 - momentum) * running + momentum * batch`, unbiased variance).
 fn batch_norm_graph(bn: &BatchNorm, y: &Tensor, train: bool) -> Result<Tensor> {
-    if !train || !y.device().is_cpu() || y.dtype() != DType::F32 {
+    if !train || !crate::native_device(y.device()) || y.dtype() != DType::F32 {
         return bn.forward_t(y, train);
     }
     let (gamma, beta) = bn
@@ -97,6 +100,61 @@ enum Folded {
     Depthwise(DepthwiseConv2d, Tensor),
 }
 
+/// Folded parameters on a CUDA device, packed for the native kernels.
+#[cfg(feature = "cuda")]
+#[derive(Clone, Debug)]
+struct CudaFolded {
+    /// `[weights, bias, slope]` of a depthwise unit and its fused kernel.
+    depthwise: Option<(Tensor, crate::cuda::FusedDepthwise)>,
+    /// `[bias, slope]` and the epilogue kernel after the other convs.
+    epilogue: (Tensor, crate::cuda::FusedBiasPrelu),
+}
+
+#[cfg(feature = "cuda")]
+impl CudaFolded {
+    fn new(
+        spec: &ConvSpec,
+        w: &Tensor,
+        bias: &[f32],
+        slope: Option<&[f32]>,
+        cap: Option<f32>,
+    ) -> Result<Self> {
+        use crate::cuda::{params_tensor, FusedBiasPrelu, FusedDepthwise, ParamLayout};
+        let device = w.device();
+        let layout = |taps: usize| ParamLayout {
+            channels: spec.out_channels,
+            taps,
+            bias: true,
+            slope: slope.is_some(),
+        };
+        let depthwise = if spec.is_depthwise() {
+            let taps = spec.kernel[0] * spec.kernel[1];
+            let params = params_tensor(device, &to_arc_vec(w)?, Some(bias), slope)?;
+            let op = FusedDepthwise {
+                layout: layout(taps),
+                cap,
+                kernel: spec.kernel,
+                stride: spec.stride,
+                pad: spec.pad,
+            };
+            Some((params, op))
+        } else {
+            None
+        };
+        let epilogue = (
+            params_tensor(device, &[], Some(bias), slope)?,
+            FusedBiasPrelu {
+                layout: layout(0),
+                cap,
+            },
+        );
+        Ok(Self {
+            depthwise,
+            epilogue,
+        })
+    }
+}
+
 /// A conv, its BatchNorm and an optional activation.
 #[derive(Clone, Debug)]
 pub struct ConvBnAct {
@@ -110,6 +168,9 @@ pub struct ConvBnAct {
     folded: Folded,
     epilogue: BiasPrelu,
     folded_bias: Tensor,
+    /// The folded parameters for the native kernels, when built on a CUDA device.
+    #[cfg(feature = "cuda")]
+    cuda: Option<CudaFolded>,
 }
 
 impl ConvBnAct {
@@ -173,6 +234,21 @@ impl ConvBnAct {
                 spec.name
             );
         }
+        #[cfg(feature = "cuda")]
+        let cuda = if weight.device().is_cuda() {
+            let w = match &folded {
+                Folded::Dense(w) | Folded::Pointwise(w) | Folded::Depthwise(_, w) => w,
+            };
+            Some(CudaFolded::new(
+                spec,
+                w,
+                &epilogue.bias,
+                fused_slope.as_deref().map(Vec::as_slice),
+                cap,
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             spec: spec.clone(),
             weight,
@@ -182,7 +258,27 @@ impl ConvBnAct {
             folded,
             epilogue,
             folded_bias: shift.detach(),
+            #[cfg(feature = "cuda")]
+            cuda,
         })
+    }
+
+    /// The unit with its inference-path weights in `dtype` (the graph path keeps its own,
+    /// and the native CUDA kernels their f32 parameters).
+    pub(crate) fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let mut unit = self.clone();
+        unit.folded = match &self.folded {
+            Folded::Dense(w) => Folded::Dense(w.to_dtype(dtype)?),
+            Folded::Pointwise(w) => Folded::Pointwise(w.to_dtype(dtype)?),
+            Folded::Depthwise(op, w) => Folded::Depthwise(op.clone(), w.to_dtype(dtype)?),
+        };
+        unit.folded_bias = self.folded_bias.to_dtype(dtype)?;
+        Ok(unit)
+    }
+
+    /// The dtype of the inference path's weights.
+    pub(crate) fn dtype(&self) -> DType {
+        self.folded_bias.dtype()
     }
 
     /// The layer's description.
@@ -361,10 +457,17 @@ impl ConvBnAct {
         })
     }
 
-    /// Bias and activation after a folded conv, fused on the CPU.
+    /// Bias and activation after a folded conv, fused on the CPU (and on CUDA devices with
+    /// the `cuda` feature).
     fn finish(&self, y: Tensor) -> Result<Tensor> {
         if y.device().is_cpu() && y.dtype() == DType::F32 {
             return self.epilogue.forward(&y);
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(c) = self.cuda.as_ref().filter(|_| y.device().is_cuda()) {
+            return y
+                .contiguous()?
+                .apply_op2_no_bwd(&c.epilogue.0, &c.epilogue.1);
         }
         let y = y.broadcast_add(&self.folded_bias.reshape((1, (), 1, 1))?)?;
         self.activate(y)
@@ -377,11 +480,19 @@ impl ConvBnAct {
         match &self.folded {
             Folded::Depthwise(op, w) => {
                 if x.device().is_cpu() && x.dtype() == DType::F32 {
-                    op.forward(x)
-                } else {
-                    let y = x.conv2d(w, self.spec.pad[0], self.spec.stride, 1, self.spec.groups)?;
-                    self.finish(y)
+                    return op.forward(x);
                 }
+                #[cfg(feature = "cuda")]
+                if let Some((params, op)) = self
+                    .cuda
+                    .as_ref()
+                    .filter(|_| x.device().is_cuda())
+                    .and_then(|c| c.depthwise.as_ref())
+                {
+                    return x.contiguous()?.apply_op2_no_bwd(params, op);
+                }
+                let y = x.conv2d(w, self.spec.pad[0], self.spec.stride, 1, self.spec.groups)?;
+                self.finish(y)
             }
             Folded::Pointwise(w) => {
                 let (n, c, h, wd) = x.dims4()?;
@@ -459,6 +570,16 @@ impl Bottleneck {
             depthwise: ConvBnAct::new(&spec.depthwise, vb)?,
             project: ConvBnAct::new(&spec.project, vb)?,
             residual: spec.residual,
+        })
+    }
+
+    /// The block with its inference-path weights in `dtype`.
+    pub(crate) fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            expand: self.expand.to_dtype(dtype)?,
+            depthwise: self.depthwise.to_dtype(dtype)?,
+            project: self.project.to_dtype(dtype)?,
+            residual: self.residual,
         })
     }
 
@@ -568,6 +689,14 @@ impl Embedding {
 }
 
 impl Embedding {
+    /// The layer with its inference-path weights in `dtype`.
+    pub(crate) fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let mut e = self.clone();
+        e.folded_weight_t = self.folded_weight_t.to_dtype(dtype)?;
+        e.folded_bias = self.folded_bias.to_dtype(dtype)?;
+        Ok(e)
+    }
+
     /// The layer as a product for the CPU engine.
     pub(crate) fn engine_linear(&self) -> Result<engine::Pointwise> {
         let (cin, cout) = self.folded_weight_t.dims2()?;

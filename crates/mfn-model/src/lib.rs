@@ -3,6 +3,8 @@
 
 mod checkpoint;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod engine;
 mod error;
 pub mod grad;
@@ -21,6 +23,12 @@ pub use error::{Error, Result};
 pub use grad::depthwise_conv2d;
 pub use layers::l2_normalize;
 pub use model::{hflip, MobileFaceNet};
+
+/// Whether this crate's native kernels run on `device`: the CPU always, CUDA devices when
+/// built with the `cuda` feature. Elsewhere the ops fall back to candle's.
+pub(crate) fn native_device(device: &candle_core::Device) -> bool {
+    device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda())
+}
 
 /// Sets how many threads candle's matrix products and this crate's kernels use, process
 /// wide. Call it once, before any model runs; later calls only affect candle.

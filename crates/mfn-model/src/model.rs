@@ -29,6 +29,9 @@ pub struct MobileFaceNet {
     gdconv: ConvBnAct,
     embedding: Embedding,
     engine: Arc<CpuEngine>,
+    /// The dtype [`Self::forward_layers`] computes in, when set by [`Self::to_dtype`]: the
+    /// input is cast to it after normalisation and the output back to f32.
+    dtype: Option<DType>,
 }
 
 impl MobileFaceNet {
@@ -86,7 +89,52 @@ impl MobileFaceNet {
             gdconv,
             embedding,
             engine: Arc::new(engine),
+            dtype: None,
         })
+    }
+
+    /// The network with its folded inference path in `dtype`: f32, f16 or bf16. The
+    /// weights are folded in f32 when the network is built and cast here once; the input
+    /// is still f32 RGB, normalised in f32 and then cast, and the output is f32.
+    ///
+    /// [`Self::forward_layers`] honours it on every device, and so does [`Self::forward`]
+    /// on a GPU; on the CPU [`Self::forward`] always runs the f32 engine. With the `cuda`
+    /// feature, depthwise convs and the bias/PReLU epilogues run native kernels in f16/bf16
+    /// storage (f32 arithmetic); the 1x1 convs, the stem conv, the residual additions and
+    /// the embedding layer run through candle's ops (cuBLAS) in `dtype`. The unfolded
+    /// graph ([`Self::forward_graph`], training) is unaffected.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(candle_core::Error::Msg(format!(
+                "inference dtype {dtype:?}: expected f32, f16 or bf16"
+            ))
+            .into());
+        }
+        let unit = |u: &ConvBnAct| u.to_dtype(dtype);
+        let opt = |u: &Option<ConvBnAct>| u.as_ref().map(unit).transpose();
+        Ok(Self {
+            config: self.config.clone(),
+            norm_mean: self.norm_mean.clone(),
+            norm_scale: self.norm_scale.clone(),
+            stem: unit(&self.stem)?,
+            stem_dw: opt(&self.stem_dw)?,
+            stem_pw: opt(&self.stem_pw)?,
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| b.to_dtype(dtype))
+                .collect::<candle_core::Result<_>>()?,
+            last: unit(&self.last)?,
+            gdconv: unit(&self.gdconv)?,
+            embedding: self.embedding.to_dtype(dtype)?,
+            engine: self.engine.clone(),
+            dtype: Some(dtype),
+        })
+    }
+
+    /// The dtype of the folded inference path (see [`Self::to_dtype`]).
+    pub fn dtype(&self) -> DType {
+        self.dtype.unwrap_or_else(|| self.stem.dtype())
     }
 
     /// The config the network was built from.
@@ -153,16 +201,24 @@ impl MobileFaceNet {
     /// and as a second reference.
     pub fn forward_layers(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x)?;
-        let mut y = self.stem.forward(&self.normalize_input(x)?)?;
+        let mut x = self.normalize_input(x)?;
+        if let Some(dtype) = self.dtype {
+            x = x.to_dtype(dtype)?;
+        }
+        let mut y = self.stem.forward(&x)?;
         for unit in self.stem_dw.iter().chain(&self.stem_pw) {
             y = unit.forward(&y)?;
         }
         for b in &self.blocks {
             y = b.forward(&y)?;
         }
-        Ok(self
+        let y = self
             .embedding
-            .forward(&self.gdconv.forward(&self.last.forward(&y)?)?)?)
+            .forward(&self.gdconv.forward(&self.last.forward(&y)?)?)?;
+        Ok(match self.dtype {
+            Some(_) => y.to_dtype(DType::F32)?,
+            None => y,
+        })
     }
 
     /// Raw embeddings through the unfolded graph: candle convs (depthwise ones through

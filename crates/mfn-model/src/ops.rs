@@ -3,7 +3,10 @@
 //! candle runs a conv with `groups > 1` as one convolution per group and concatenates the
 //! results, which makes depthwise convs orders of magnitude slower than they need to be.
 //! These kernels work on a whole NCHW tensor at once, one channel plane per rayon task.
-//! Other devices fall back to candle's own ops, so results are the same everywhere.
+//! With the `cuda` feature both ops also run on CUDA devices (f32, f16 or bf16 storage,
+//! f32 arithmetic), copying their parameters to the device on each call; the network's
+//! own layers keep theirs on the device instead. Other devices fall back to candle's own
+//! ops, so results are the same everywhere.
 
 use std::sync::Arc;
 
@@ -134,6 +137,53 @@ impl CustomOp1 for DepthwiseConv2d {
             .for_each(|(i, (out, inp))| self.plane(i % c, inp, h, w, out, ow));
         Ok((CpuStorage::F32(dst), Shape::from((n, c, oh, ow))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, h, w) = layout.shape().dims4()?;
+        let taps = self.kernel[0] * self.kernel[1];
+        if c * taps != self.weight.len() || self.bias.len() != c {
+            candle_core::bail!(
+                "depthwise conv: input has {c} channels, weights are for {}",
+                self.weight.len() / taps.max(1)
+            );
+        }
+        if self.prelu.as_ref().is_some_and(|a| a.len() != c) {
+            candle_core::bail!(
+                "depthwise conv: {c} channels, {} slopes",
+                self.prelu.as_ref().map_or(0, |a| a.len())
+            );
+        }
+        let [oh, ow] = self.out_hw(h, w);
+        let shape =
+            crate::cuda::DwShape::new([n, c, h, w], self.kernel, [oh, ow], self.stride, self.pad)?;
+        let params = crate::cuda::pack_params(
+            &self.weight,
+            Some(&self.bias),
+            self.prelu.as_deref().map(|v| v.as_slice()),
+        );
+        let params = crate::cuda::upload(&storage.device, &params)?;
+        let layout_p = crate::cuda::ParamLayout {
+            channels: c,
+            taps,
+            bias: true,
+            slope: self.prelu.is_some(),
+        };
+        let y = crate::cuda::depthwise_fused(
+            storage,
+            layout,
+            &params.slice(..),
+            layout_p,
+            self.cap,
+            shape,
+            self.name(),
+        )?;
+        Ok((y, Shape::from((n, c, oh, ow))))
+    }
 }
 
 /// Adds a per-channel bias and applies an optional per-channel PReLU and upper clamp, in
@@ -199,6 +249,42 @@ impl CustomOp1 for BiasPrelu {
             }
         });
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let c = self.bias.len();
+        if self.prelu.as_ref().is_some_and(|a| a.len() != c) {
+            candle_core::bail!(
+                "bias/prelu: {c} biases, {} slopes",
+                self.prelu.as_ref().map_or(0, |a| a.len())
+            );
+        }
+        let params = crate::cuda::pack_params(
+            &[],
+            Some(&self.bias),
+            self.prelu.as_deref().map(|v| v.as_slice()),
+        );
+        let params = crate::cuda::upload(&storage.device, &params)?;
+        let layout_p = crate::cuda::ParamLayout {
+            channels: c,
+            taps: 0,
+            bias: true,
+            slope: self.prelu.is_some(),
+        };
+        let y = crate::cuda::bias_prelu(
+            storage,
+            layout,
+            &params.slice(..),
+            layout_p,
+            self.cap,
+            self.name(),
+        )?;
+        Ok((y, layout.shape().clone()))
     }
 }
 

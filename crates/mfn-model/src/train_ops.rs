@@ -4,7 +4,9 @@
 //! candle builds BatchNorm in train mode from about a dozen broadcast ops, each allocating
 //! and walking a whole activation tensor, forward and backward; these do one or two passes
 //! over NCHW planes instead. Reductions run per channel in a fixed order, so results do not
-//! depend on the number of threads. Other devices and dtypes fall back to candle's ops.
+//! depend on the number of threads. With the `cuda` feature the same ops run on CUDA
+//! devices as native kernels ([`crate::cuda`]; one block per channel for the reductions).
+//! Other devices and dtypes fall back to candle's ops.
 
 use std::sync::{Arc, Mutex};
 
@@ -20,7 +22,7 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
 }
 
 /// `(N, C, plane)` of an NCHW (or NC) shape.
-fn nc_plane(shape: &Shape, what: &str) -> Result<(usize, usize, usize)> {
+pub(crate) fn nc_plane(shape: &Shape, what: &str) -> Result<(usize, usize, usize)> {
     let d = shape.dims();
     if d.len() < 2 {
         bail!("{what}: expected at least [N, C], got {d:?}");
@@ -70,7 +72,7 @@ pub fn batch_norm_train(
         eps,
         stats: stats.clone(),
     };
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if crate::native_device(x.device()) && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op3_arc(
             &gamma.contiguous()?,
             &beta.contiguous()?,
@@ -152,6 +154,30 @@ impl CustomOp3 for BatchNormTrain {
                 }
             });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, _, plane) = nc_plane(xl.shape(), "batch norm")?;
+        let (y, mean, var) =
+            crate::cuda::batch_norm_forward((xs, xl), (gs, gl), (bs, bl), self.eps, "batch norm")?;
+        let m = (n * plane) as f64;
+        if let Ok(mut s) = self.stats.lock() {
+            let unbiased = var
+                .iter()
+                .map(|&v| (v as f64 * m / (m - 1.0).max(1.0)) as f32)
+                .collect();
+            *s = Some((mean, unbiased));
+        }
+        Ok((y, xl.shape().clone()))
     }
 
     fn bwd(
@@ -250,6 +276,27 @@ impl CustomOp3 for BatchNormGrad {
         }
         Ok((CpuStorage::F32(out), Shape::from(x.len() + 2 * c)))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ds: &candle_core::CudaStorage,
+        dl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (_, c, _) = nc_plane(xl.shape(), "batch norm grad")?;
+        let out = crate::cuda::batch_norm_grad(
+            (xs, xl),
+            (ds, dl),
+            (gs, gl),
+            self.eps,
+            "batch norm grad",
+        )?;
+        Ok((out, Shape::from(xl.shape().elem_count() + 2 * c)))
+    }
 }
 
 struct Prelu {
@@ -260,14 +307,15 @@ struct Prelu {
 /// differentiable in `x` and `slope`. ReLU is a zero slope that takes no gradient; pass
 /// `cap = Some(6.0)` for ReLU6.
 pub fn prelu(x: &Tensor, slope: &Tensor, cap: Option<f32>) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if crate::native_device(x.device()) && x.dtype() == DType::F32 {
         return x
             .contiguous()?
             .apply_op2_arc(&slope.contiguous()?, Arc::new(Box::new(Prelu { cap })));
     }
     let mut shape = vec![1; x.rank()];
     shape[1] = slope.elem_count();
-    let a = slope.reshape(shape)?;
+    // The folded inference path may run in f16/bf16 with f32 slopes.
+    let a = slope.reshape(shape)?.to_dtype(x.dtype())?;
     let y = (x.relu()? + x.minimum(0f32)?.broadcast_mul(&a)?)?;
     match cap {
         Some(c) => y.minimum(c),
@@ -305,6 +353,18 @@ impl CustomOp2 for Prelu {
                 }
             });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ss: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let y = crate::cuda::prelu_forward(xs, xl, ss, sl, self.cap, "prelu")?;
+        Ok((y, xl.shape().clone()))
     }
 
     fn bwd(
@@ -389,6 +449,21 @@ impl CustomOp3 for PreluGrad {
             .collect();
         da.copy_from_slice(&sums);
         Ok((CpuStorage::F32(out), Shape::from(x.len() + c)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ds: &candle_core::CudaStorage,
+        dl: &Layout,
+        ss: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (_, c, _) = nc_plane(xl.shape(), "prelu grad")?;
+        let out = crate::cuda::prelu_grad((xs, xl), (ds, dl), (ss, sl), self.cap, "prelu grad")?;
+        Ok((out, Shape::from(xl.shape().elem_count() + c)))
     }
 }
 

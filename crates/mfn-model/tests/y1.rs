@@ -81,3 +81,34 @@ fn y1_matches_onnx_runtime_on_golden_pngs() {
     assert!(worst <= 1e-3, "max abs difference {worst}");
     eprintln!("max abs difference against ONNX Runtime: {worst:e}");
 }
+
+/// The reduced-precision inference path (`build_with_dtype`), run on the CPU through
+/// candle's ops: f16 and bf16 must stay close to the f32 engine, and the output is f32.
+#[test]
+fn y1_in_f16_and_bf16_stays_close_to_f32() {
+    use candle_core::DType;
+    let device = Device::Cpu;
+    let ckpt = Checkpoint::load(
+        &asset("models/mobilefacenet-y1/model-symbol.json"),
+        None,
+        &device,
+    )
+    .unwrap();
+    let paths: Vec<PathBuf> = golden().into_iter().take(3).map(|g| g.0).collect();
+    let x = mfn_data::load_batch(&paths, [112, 112], &device).unwrap();
+    let f32_model = ckpt.build(&device).unwrap();
+    assert_eq!(f32_model.dtype(), DType::F32);
+    let want = mfn_model::l2_normalize(&f32_model.forward(&x).unwrap()).unwrap();
+    for (dtype, tol) in [(DType::F32, 1e-5), (DType::F16, 1e-2), (DType::BF16, 5e-2)] {
+        let model = ckpt.build_with_dtype(&device, dtype).unwrap();
+        assert_eq!(model.dtype(), dtype);
+        let raw = model.forward_layers(&x).unwrap();
+        assert_eq!(raw.dtype(), DType::F32);
+        let got = mfn_model::l2_normalize(&raw).unwrap();
+        let diff = max_abs_diff(&got, &want.flatten_all().unwrap().to_vec1().unwrap());
+        assert!(diff <= tol, "{dtype:?}: unit embeddings differ by {diff}");
+        eprintln!("{dtype:?}: unit embeddings within {diff:e} of the f32 engine");
+    }
+    assert!(ckpt.build_with_dtype(&device, DType::F64).is_err());
+    assert!(f32_model.to_dtype(DType::U8).is_err());
+}

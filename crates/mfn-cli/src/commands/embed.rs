@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use serde_json::json;
 
-use super::{image_size, load_model, DetectorArgs};
+use super::{image_size, load_model_on, DetectorArgs, RunArgs};
 
 /// Arguments of `mfn-cli embed`.
 #[derive(clap::Args, Debug)]
@@ -35,6 +35,8 @@ pub struct Args {
     all: bool,
     #[command(flatten)]
     detector: DetectorArgs,
+    #[command(flatten)]
+    run: RunArgs,
     /// Aligned face images at the model's input size (112x112 for the presets), or photos
     /// with --detect.
     #[arg(required = true)]
@@ -43,7 +45,8 @@ pub struct Args {
 
 /// Runs the command.
 pub fn run(args: Args) -> Result<()> {
-    let (ckpt, model) = load_model(args.model.clone(), None)?;
+    let device = args.run.open()?;
+    let (ckpt, model) = load_model_on(args.model.clone(), None, &device, args.run.dtype.dtype())?;
     let missing = mfn_data::missing_files(&args.images);
     if !missing.is_empty() {
         let list: Vec<String> = missing.iter().map(|p| p.display().to_string()).collect();
@@ -54,18 +57,20 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     if args.detect {
-        return run_detect(&args, &ckpt, &model);
+        return run_detect(&args, &ckpt, &model, &device);
     }
+    // Batches are decoded on the CPU and moved to the device here, on this thread.
     let rows = mfn_data::embed_images(
         &args.images,
         args.batch,
         image_size(model.config()),
         &Device::Cpu,
         |x| -> Result<_> {
+            let x = x.to_device(&device)?;
             Ok(if args.no_normalize {
-                model.forward(x)?
+                model.forward(&x)?
             } else {
-                model.embed(x, args.flip)?
+                model.embed(&x, args.flip)?
             })
         },
         |_| {},
@@ -84,6 +89,7 @@ fn run_detect(
     args: &Args,
     ckpt: &mfn_model::Checkpoint,
     model: &mfn_model::MobileFaceNet,
+    device: &Device,
 ) -> Result<()> {
     let size = image_size(model.config()).map(|v| v as u32);
     let aligner = args.detector.aligner(size)?;
@@ -96,7 +102,7 @@ fn run_detect(
     for path in &args.images {
         let faces = aligner.faces_in_file(path, pick)?;
         let crops: Vec<_> = faces.iter().map(|f| &f.aligned.image).collect();
-        let x = mfn_data::face::images_to_tensor(&crops, &Device::Cpu)?;
+        let x = mfn_data::face::images_to_tensor(&crops, &Device::Cpu)?.to_device(device)?;
         let e: Vec<Vec<f32>> = if args.no_normalize {
             model.forward(&x)?.to_vec2()?
         } else {

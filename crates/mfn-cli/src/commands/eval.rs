@@ -4,13 +4,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
-use mfn_data::{BinSet, Pairs};
+use mfn_data::VerificationSet;
 use mfn_eval::{KFoldReport, PairScores, Report};
 use serde_json::{json, Value};
 
-use super::{asset_or, image_size, load_model, THRESHOLD_KEY};
+use super::{asset_or, image_size, load_model_on, DeviceKind, RunArgs, THRESHOLD_KEY};
 
 /// The false accept rates reported.
 const FARS: [f64; 3] = [1e-1, 1e-2, 1e-3];
@@ -43,10 +43,10 @@ pub struct Args {
     /// Embed each face alone, without adding its mirror image.
     #[arg(long)]
     no_flip: bool,
-    /// Images per batch (each runs twice with the flip test). Small batches keep the
-    /// activations in cache; large ones only add memory traffic on a CPU.
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
+    /// Images per batch (each runs twice with the flip test) [default: 8 on the CPU, where
+    /// small batches keep the activations in cache; 256 on a GPU].
+    #[arg(long)]
+    batch: Option<usize>,
     /// Write the report as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -57,51 +57,32 @@ pub struct Args {
     /// where `mfn-cli verify` finds it. Needs a native `.safetensors` model.
     #[arg(long)]
     save_threshold: bool,
-}
-
-/// The pairs to evaluate, checked before the model is loaded.
-enum Input {
-    /// `pairs.txt` and an image folder: each image is embedded once, folds from the file.
-    Pairs {
-        path: PathBuf,
-        pairs: Pairs,
-        /// Every image once.
-        images: Vec<PathBuf>,
-        /// Each pair's two positions in `images`.
-        index: Vec<[usize; 2]>,
-    },
-    /// An insightface `.bin` set: every image embedded in file order, folds of consecutive
-    /// pairs as insightface's `KFold(shuffle=False)` makes them.
-    Bin {
-        path: PathBuf,
-        set: BinSet,
-        folds: usize,
-    },
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// Runs the command.
 pub fn run(args: Args) -> Result<()> {
+    // The pairs are read and checked before the model is loaded.
     let input = match &args.bin {
-        Some(path) => {
-            let set = BinSet::read(path).context("reading the verification set")?;
-            let folds = args.folds.unwrap_or(10);
-            if folds == 0 || folds > set.pairs() {
-                anyhow::bail!(
-                    "--folds {folds}: {} has {} pairs, so 1 to {} folds",
-                    path.display(),
-                    set.pairs(),
-                    set.pairs()
-                );
-            }
-            Input::Bin {
-                set,
-                path: path.clone(),
-                folds,
-            }
+        Some(path) => VerificationSet::bin(path, args.folds.unwrap_or(10))
+            .context("reading the verification set")?,
+        None => {
+            let path = asset_or(args.pairs.clone(), "lfw/pairs.txt", "--pairs")?;
+            let root = asset_or(args.images.clone(), "lfw/aligned-112x112", "--images")?;
+            VerificationSet::pairs(&path, &root, &args.ext)
+                .with_context(|| format!("reading {} and its images", path.display()))?
         }
-        None => Input::pairs(&args)?,
     };
-    let (mut ckpt, model) = load_model(args.model.clone(), None)?;
+    let device = args.run.open()?;
+    let batch = match (args.batch, args.run.device) {
+        (Some(0), _) => anyhow::bail!("--batch takes a positive number"),
+        (Some(b), _) => b,
+        (None, DeviceKind::Cpu) => 8,
+        (None, DeviceKind::Cuda) => 256,
+    };
+    let (mut ckpt, model) =
+        load_model_on(args.model.clone(), None, &device, args.run.dtype.dtype())?;
     if args.save_threshold
         && ckpt.source.extension().and_then(|e| e.to_str()) != Some("safetensors")
     {
@@ -119,12 +100,25 @@ pub fn run(args: Args) -> Result<()> {
         .progress_chars("=> "),
     );
     let start = Instant::now();
-    let (source, scores) = input.score(
-        args.batch,
+    // Batches are decoded on the CPU and moved to the device here, on this thread.
+    let embeddings = input.embed(
+        batch,
         image_size(model.config()),
-        |x| -> Result<_> { Ok(model.embed(x, flip)?) },
+        &Device::Cpu,
+        |x| -> Result<_> { Ok(model.embed(&x.to_device(&device)?, flip)?) },
         |done| bar.set_position(done as u64),
     )?;
+    let cosines = input
+        .pair_index()
+        .iter()
+        .map(|&[a, b]| mfn_eval::cosine(&embeddings[a], &embeddings[b]))
+        .collect::<mfn_eval::Result<Vec<f64>>>()?;
+    let folds = input
+        .folds()
+        .context("the verification set has no folds")?
+        .to_vec();
+    let scores = PairScores::new(cosines, input.labels().to_vec(), folds)?;
+    let source = input.source().to_path_buf();
     let seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let report = mfn_eval::evaluate(&scores, &FARS)?;
@@ -181,88 +175,6 @@ pub fn run(args: Args) -> Result<()> {
         mfn_eval::plot_roc(&curve, path, &title)?;
     }
     Ok(())
-}
-
-impl Input {
-    fn pairs(args: &Args) -> Result<Self> {
-        let path = asset_or(args.pairs.clone(), "lfw/pairs.txt", "--pairs")?;
-        let root = asset_or(args.images.clone(), "lfw/aligned-112x112", "--images")?;
-        let pairs = Pairs::read(&path)?;
-        let (unique, index) = pairs.index();
-        let images: Vec<PathBuf> = unique.iter().map(|r| r.path(&root, &args.ext)).collect();
-        let missing = mfn_data::missing_files(&images);
-        if !missing.is_empty() {
-            return Err(mfn_data::Error::MissingImages {
-                root: root.clone(),
-                paths: missing,
-            })
-            .with_context(|| format!("checking the images that {} names", path.display()));
-        }
-        Ok(Self::Pairs {
-            path,
-            pairs,
-            images,
-            index,
-        })
-    }
-
-    /// How many images [`Input::score`] embeds.
-    fn images(&self) -> usize {
-        match self {
-            Self::Pairs { images, .. } => images.len(),
-            Self::Bin { set, .. } => set.images.len(),
-        }
-    }
-
-    /// Embeds the images and returns the file the pairs came from and their scores.
-    fn score(
-        self,
-        batch: usize,
-        size: [usize; 2],
-        embed: impl FnMut(&Tensor) -> Result<Tensor>,
-        progress: impl FnMut(usize),
-    ) -> Result<(PathBuf, PairScores)> {
-        let device = Device::Cpu;
-        let cosines = |e: &[Vec<f32>], pairs: &mut dyn Iterator<Item = [usize; 2]>| {
-            pairs
-                .map(|[a, b]| mfn_eval::cosine(&e[a], &e[b]))
-                .collect::<mfn_eval::Result<Vec<f64>>>()
-        };
-        match self {
-            Self::Pairs {
-                path,
-                pairs,
-                images,
-                index,
-            } => {
-                let e = mfn_data::embed_images(&images, batch, size, &device, embed, progress)?;
-                let scores = cosines(&e, &mut index.into_iter())?;
-                let scores = PairScores::new(scores, pairs.labels(), pairs.fold_ids())?;
-                Ok((path, scores))
-            }
-            Self::Bin { path, set, folds } => {
-                let BinSet { images, issame } = set;
-                let e = mfn_data::embed_encoded(
-                    images.into(),
-                    &path,
-                    batch,
-                    size,
-                    &device,
-                    embed,
-                    progress,
-                )?;
-                let scores = cosines(&e, &mut (0..issame.len()).map(|i| [2 * i, 2 * i + 1]))?;
-                let scores =
-                    PairScores::contiguous_folds(scores, issame, folds).with_context(|| {
-                        format!(
-                            "splitting the pairs of {} into {folds} folds",
-                            path.display()
-                        )
-                    })?;
-                Ok((path, scores))
-            }
-        }
-    }
 }
 
 fn protocol_json(k: &KFoldReport) -> Value {

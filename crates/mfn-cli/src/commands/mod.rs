@@ -11,7 +11,7 @@ pub mod verify;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use mfn_model::{Checkpoint, Config, MobileFaceNet};
 
 use mfn_data::assets::ENV as ASSETS_ENV;
@@ -34,11 +34,87 @@ pub fn asset_or(explicit: Option<PathBuf>, rel: &str, flag: &str) -> Result<Path
 /// The default model: insightface's MobileFaceNet y1 under the assets folder.
 pub const DEFAULT_MODEL: &str = "models/mobilefacenet-y1/model-symbol.json";
 
-/// Loads a checkpoint by path (`preset` picks the config an MXNet symbol or ONNX graph is
-/// checked against) and builds the network on the CPU.
-pub fn load_model(
+/// Where a network runs.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceKind {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// The first CUDA GPU (needs a build with `--features cuda`).
+    Cuda,
+}
+
+/// The dtype of the inference path.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DtypeArg {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// 16-bit IEEE floats (CUDA only).
+    F16,
+    /// bfloat16 (CUDA only).
+    Bf16,
+}
+
+impl DtypeArg {
+    /// The candle dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// The device a command was asked to run on. `cuda` in a build without the `cuda` feature
+/// is an error that says how to get one.
+pub fn open_device(kind: DeviceKind) -> Result<Device> {
+    match kind {
+        DeviceKind::Cpu => Ok(Device::Cpu),
+        DeviceKind::Cuda if !cfg!(feature = "cuda") => bail!(
+            "--device cuda: this mfn-cli was built without CUDA support; rebuild it with              `cargo build --release --features cuda -p mfn-cli` (needs the CUDA toolkit)"
+        ),
+        DeviceKind::Cuda => Device::new_cuda(0).context(
+            "--device cuda: cannot open CUDA device 0 (is there a GPU, with its driver and              the CUDA libraries on the library path?)",
+        ),
+    }
+}
+
+/// `--device` and `--dtype` of the commands that run the network.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct RunArgs {
+    /// Where the network runs.
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    pub device: DeviceKind,
+    /// Precision of the network's inference path; f16 and bf16 need `--device cuda` (the
+    /// CPU engine computes in f32).
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+}
+
+impl RunArgs {
+    /// Checks the combination and opens the device.
+    pub fn open(&self) -> Result<Device> {
+        if self.device == DeviceKind::Cpu && self.dtype != DtypeArg::F32 {
+            bail!(
+                "--dtype {}: reduced precision runs on --device cuda only; the CPU engine                  computes in f32",
+                match self.dtype {
+                    DtypeArg::F16 => "f16",
+                    _ => "bf16",
+                }
+            );
+        }
+        open_device(self.device)
+    }
+}
+
+/// [`load_model`] on `device`, with the inference path in `dtype`.
+pub fn load_model_on(
     model: Option<PathBuf>,
     preset: Option<&str>,
+    device: &Device,
+    dtype: DType,
 ) -> Result<(Checkpoint, MobileFaceNet)> {
     let path = asset_or(model, DEFAULT_MODEL, "--model")?;
     let config = match preset {
@@ -50,13 +126,21 @@ pub fn load_model(
         })?),
         None => None,
     };
-    let device = Device::Cpu;
-    let ckpt = Checkpoint::load(&path, config.as_ref(), &device)
+    let ckpt = Checkpoint::load(&path, config.as_ref(), &Device::Cpu)
         .with_context(|| format!("loading model {}", path.display()))?;
     let model = ckpt
-        .build(&device)
+        .build_with_dtype(device, dtype)
         .with_context(|| format!("building model from {}", path.display()))?;
     Ok((ckpt, model))
+}
+
+/// Loads a checkpoint by path (`preset` picks the config an MXNet symbol or ONNX graph is
+/// checked against) and builds the network on the CPU.
+pub fn load_model(
+    model: Option<PathBuf>,
+    preset: Option<&str>,
+) -> Result<(Checkpoint, MobileFaceNet)> {
+    load_model_on(model, preset, &Device::Cpu, DType::F32)
 }
 
 /// The input size of a model as width x height, the order image files use.

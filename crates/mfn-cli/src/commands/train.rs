@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use mfn_data::{Dataset, ImageFolder, RecordDataset};
 use mfn_loss::CombinedMargin;
@@ -14,7 +13,7 @@ use mfn_train::{
     Budget, Decay, EvalSet, Event, LrSchedule, OptimizerKind, TrainConfig, Trainer, WeightDecay,
 };
 
-use super::asset_or;
+use super::{asset_or, open_device, DeviceKind};
 
 /// The margin of the loss.
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -162,21 +161,8 @@ pub struct Args {
     #[arg(long, default_value_t = 500)]
     save_every: usize,
     /// Device to train on.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-}
-
-fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => {
-            let d = Device::new_cuda(0).context(
-                "no CUDA device: build mfn-cli with `--features cuda` on a machine with a GPU",
-            )?;
-            Ok(d)
-        }
-        other => bail!("unknown device `{other}`: expected cpu or cuda"),
-    }
+    #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
+    device: DeviceKind,
 }
 
 fn margin(args: &Args) -> CombinedMargin {
@@ -236,7 +222,7 @@ fn data(args: &Args) -> Result<(Arc<dyn Dataset + Send + Sync>, Option<EvalSet>)
 
 /// Runs the command.
 pub fn run(args: Args) -> Result<()> {
-    let device = device(&args.device)?;
+    let device = open_device(args.device)?;
     let (train_set, held_out) = data(&args)?;
     let mut eval = Vec::new();
     eval.extend(held_out);
