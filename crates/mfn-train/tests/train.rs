@@ -113,9 +113,20 @@ fn interrupted_run_resumes_bit_for_bit() {
     let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(log.lines().filter(|l| l.contains("\"step\"")).count(), 6);
 
-    // The checkpoint is also a plain model file.
+    // The checkpoint is also a plain model file, and it carries the BatchNorm running
+    // statistics that train mode updated (they start at mean 0, variance 1).
     let ckpt = mfn_model::Checkpoint::load(&out.join("last.safetensors"), None, &device).unwrap();
     assert_eq!(ckpt.config, config(6).model);
+    for name in ["conv_1_batchnorm_moving_mean", "fc1_moving_var"] {
+        let v: Vec<f32> = ckpt.tensors[name].to_vec1().unwrap();
+        let start = if name.ends_with("var") { 1.0 } else { 0.0 };
+        assert!(
+            v.iter().any(|x| (x - start).abs() > 1e-3),
+            "{name} never moved"
+        );
+    }
+    assert!(ckpt.tensors.contains_key("head.weight"));
+    assert!(ckpt.tensors.keys().any(|k| k.starts_with("optim.")));
     ckpt.build(&device).unwrap();
 }
 
