@@ -1,129 +1,113 @@
-//! `cargo xtask`: checks too slow for the test suite.
+//! `cargo xtask`: the project's gates and chores that are too slow, too machine-bound or
+//! too network-bound for the test suite.
 //!
-//! `cargo xtask bench` times the CPU inference path (see `bench.rs`).
-//!
-//! `cargo xtask accuracy` runs `mfn-cli eval` on all of LFW (6,000 pairs) with y1, with
-//! and without the flip test, and compares every mean accuracy with the ONNX Runtime
-//! reference in `$MFN_ASSETS/golden/lfw-y1-reference.json` for the JPEG decoder this
-//! project uses (the `image` crate).
+//! - `fetch` downloads pinned pretrained models through the Hugging Face Hub cache, checks
+//!   their sha256 and converts them to the native safetensors format (`fetch.rs`).
+//! - `accuracy` evaluates every model of the committed expectation file
+//!   (`xtask/accuracy.json`) and fails when an accuracy leaves its tolerance
+//!   (`accuracy.rs`).
+//! - `bench` times the CPU inference path (or, with `--device cuda`, the GPU path) and
+//!   fails when it is slower than the committed baseline of the machine it runs on
+//!   (`bench.rs`).
+//! - `bench-depthwise` times the training depthwise conv, native against candle's grouped
+//!   conv, and checks that they agree, on the GPU against the CPU too (`depthwise.rs`).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
-use serde_json::Value;
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
 
+mod accuracy;
 mod bench;
+mod depthwise;
+mod eval;
+mod fetch;
+mod machine;
 
-/// How far a mean accuracy may be from the reference, in accuracy points (0.05%).
-const TOLERANCE: f64 = 0.0005;
+/// Project tasks: model downloads, accuracy and speed gates.
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("accuracy") => accuracy(&args[1..]),
-        Some("bench") => bench::run(&args[1..]),
-        _ => {
-            eprintln!(
-                "usage: cargo xtask accuracy [--no-flip | --flip-only] [--out DIR]\n       \
-                 cargo xtask bench [--model PATH] [--threads 1,2] [--batches 1,32] [--runs N] [--json OUT]\n\n\
-                 accuracy  full-LFW accuracy of y1 against the ONNX Runtime reference\n\
-                 bench     CPU latency and throughput, with the time per layer kind"
-            );
-            std::process::exit(2)
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Download the pinned models (or any `--repo/--file`) and convert them to the native
+    /// format.
+    Fetch(fetch::Args),
+    /// Evaluate the models of the expectation file; exit 1 when an accuracy regressed.
+    Accuracy(accuracy::Args),
+    /// Time the CPU inference path (or the GPU's); exit 1 when slower than the machine's
+    /// baseline.
+    Bench(bench::Args),
+    /// Time the training depthwise conv against candle's grouped conv, forward and
+    /// backward, and check that they agree.
+    BenchDepthwise(depthwise::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Fetch(a) => fetch::run(a),
+        Command::Accuracy(a) => accuracy::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::BenchDepthwise(a) => depthwise::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }
 
-fn workspace_root() -> PathBuf {
+/// The workspace root, where the committed expectation, model and baseline files live.
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default()
 }
 
-fn assets() -> Result<PathBuf> {
-    let root = std::env::var_os("MFN_ASSETS")
-        .map(PathBuf::from)
-        .context("MFN_ASSETS is not set: point it at the assets folder")?;
-    let reference = root.join("golden/lfw-y1-reference.json");
-    if !reference.exists() {
-        bail!("{} does not exist", reference.display());
+/// The assets folder: `explicit` (a `--assets` flag), else `$MFN_ASSETS`.
+pub fn assets(explicit: Option<&Path>) -> Result<PathBuf> {
+    let root = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => std::env::var_os(mfn_data::assets::ENV)
+            .map(PathBuf::from)
+            .with_context(|| {
+                format!(
+                    "{} is not set: point it at the assets folder, or pass --assets DIR",
+                    mfn_data::assets::ENV
+                )
+            })?,
+    };
+    if !root.is_dir() {
+        anyhow::bail!("the assets folder {} does not exist", root.display());
     }
     Ok(root)
 }
 
-fn accuracy(args: &[String]) -> Result<()> {
-    let assets = assets()?;
-    let mut runs = vec![("flip", true), ("noflip", false)];
-    let mut out_dir = std::env::temp_dir().join("mfn-xtask-accuracy");
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--no-flip" => runs.retain(|r| !r.1),
-            "--flip-only" => runs.retain(|r| r.1),
-            "--out" => out_dir = PathBuf::from(it.next().context("--out needs a folder")?),
-            other => bail!("unknown argument `{other}`"),
-        }
-    }
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let reference_path = assets.join("golden/lfw-y1-reference.json");
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(&reference_path)
-            .with_context(|| format!("reading {}", reference_path.display()))?,
-    )
-    .with_context(|| format!("parsing {}", reference_path.display()))?;
-    let expected = &reference["results_image_crate"];
+/// Reads and parses a JSON file, naming it in every error.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
 
-    let mut failures = Vec::new();
-    for (name, flip) in runs {
-        let json = out_dir.join(format!("lfw-y1-{name}.json"));
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(workspace_root())
-            .args([
-                "run",
-                "--release",
-                "-q",
-                "-p",
-                "mfn-cli",
-                "--",
-                "eval",
-                "--json",
-            ])
-            .arg(&json);
-        if !flip {
-            cmd.arg("--no-flip");
-        }
-        let status = cmd.status().context("running mfn-cli eval")?;
-        if !status.success() {
-            bail!("mfn-cli eval failed ({status})");
-        }
-        let got: Value = serde_json::from_str(
-            &std::fs::read_to_string(&json)
-                .with_context(|| format!("reading {}", json.display()))?,
-        )?;
-        for proto in ["insightface", "exact"] {
-            let want = expected[name][proto]["accuracy_mean"]
-                .as_f64()
-                .with_context(|| format!("reference has no {name}/{proto} mean"))?;
-            let have = got["accuracy"][proto]["mean"]
-                .as_f64()
-                .with_context(|| format!("{} has no {proto} mean", json.display()))?;
-            let verdict = if (have - want).abs() <= TOLERANCE + 1e-9 {
-                "ok"
-            } else {
-                failures.push(format!("{name}/{proto}"));
-                "FAIL"
-            };
-            println!(
-                "{name:<7} {proto:<12} {:>8.3}%  reference {:>8.3}%  {verdict}",
-                have * 100.0,
-                want * 100.0
-            );
-        }
+/// Writes `value` as pretty JSON, creating the parent folder, through a temporary file so
+/// an interrupted write never leaves half a file behind.
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    if !failures.is_empty() {
-        bail!("accuracy differs from the reference by more than 0.05 points: {failures:?}");
-    }
-    Ok(())
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    let tmp = path.with_extension("json.partial");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }

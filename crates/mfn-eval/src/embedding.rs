@@ -17,6 +17,26 @@ pub fn normalize(v: &[f32]) -> Vec<f32> {
     v.iter().map(|&x| (f64::from(x) / norm) as f32).collect()
 }
 
+/// The cosine of each pair `[a, b]` of rows of `embeddings`.
+///
+/// # Errors
+/// [`Error::IndexOutOfRange`] when a pair names a row that does not exist, and whatever
+/// [`cosine`] returns for a pair.
+pub fn pair_cosines(embeddings: &[Vec<f32>], pairs: &[[usize; 2]]) -> Result<Vec<f64>> {
+    pairs
+        .iter()
+        .map(|&[a, b]| {
+            let row = |i: usize| {
+                embeddings.get(i).ok_or(Error::IndexOutOfRange {
+                    index: i,
+                    len: embeddings.len(),
+                })
+            };
+            cosine(row(a)?, row(b)?)
+        })
+        .collect()
+}
+
 /// Cosine similarity of two embeddings, computed in `f64`.
 ///
 /// The inputs need not be normalised. The result is clamped to `[-1, 1]`.
@@ -80,6 +100,21 @@ mod tests {
         assert!((c - expected).abs() < 1e-15);
         let same = [0.1f32, 0.7, -0.3, 0.2];
         assert!(cosine(&same, &same).unwrap() <= 1.0);
+    }
+
+    #[test]
+    fn pair_cosines_index_rows_and_refuse_missing_ones() {
+        let e = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![1.0, 1.0]];
+        let c = pair_cosines(&e, &[[0, 1], [0, 2], [2, 2]]).unwrap();
+        assert!(
+            c[0].abs() < 1e-12
+                && (c[1] - 0.5f64.sqrt()).abs() < 1e-12
+                && (c[2] - 1.0).abs() < 1e-12
+        );
+        assert!(matches!(
+            pair_cosines(&e, &[[0, 3]]),
+            Err(Error::IndexOutOfRange { index: 3, len: 3 })
+        ));
     }
 
     #[test]

@@ -44,6 +44,14 @@ pub enum Error {
         /// Which vector was zero.
         what: &'static str,
     },
+    /// A pair names an embedding that does not exist.
+    #[error("pair index {index} is out of range for {len} embeddings")]
+    IndexOutOfRange {
+        /// The index.
+        index: usize,
+        /// How many embeddings there are.
+        len: usize,
+    },
     /// Fewer folds than the operation needs.
     #[error("need at least {min} folds, got {n_folds}")]
     TooFewFolds {

@@ -10,7 +10,7 @@ mod plot;
 mod report;
 mod roc;
 
-pub use embedding::{cosine, normalize};
+pub use embedding::{cosine, normalize, pair_cosines};
 pub use error::{Error, Result};
 pub use kfold::{kfold_accuracy, FoldResult, KFoldReport, Protocol, INSIGHTFACE_THRESHOLDS};
 pub use pairs::PairScores;

@@ -70,12 +70,7 @@ impl EvalSet {
             },
             |_| {},
         )?;
-        let scores = self
-            .set
-            .pair_index()
-            .iter()
-            .map(|&[a, b]| mfn_eval::cosine(&embeddings[a], &embeddings[b]))
-            .collect::<mfn_eval::Result<Vec<f64>>>()?;
+        let scores = mfn_eval::pair_cosines(&embeddings, self.set.pair_index())?;
         let labels = self.set.labels().to_vec();
         let pairs = scores.len();
         let (auc, accuracy, accuracy_exact) = match self.set.folds() {

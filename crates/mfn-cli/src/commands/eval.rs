@@ -108,11 +108,7 @@ pub fn run(args: Args) -> Result<()> {
         |x| -> Result<_> { Ok(model.embed(&x.to_device(&device)?, flip)?) },
         |done| bar.set_position(done as u64),
     )?;
-    let cosines = input
-        .pair_index()
-        .iter()
-        .map(|&[a, b]| mfn_eval::cosine(&embeddings[a], &embeddings[b]))
-        .collect::<mfn_eval::Result<Vec<f64>>>()?;
+    let cosines = mfn_eval::pair_cosines(&embeddings, input.pair_index())?;
     let folds = input
         .folds()
         .context("the verification set has no folds")?

@@ -73,10 +73,12 @@ pub fn open_device(kind: DeviceKind) -> Result<Device> {
     match kind {
         DeviceKind::Cpu => Ok(Device::Cpu),
         DeviceKind::Cuda if !cfg!(feature = "cuda") => bail!(
-            "--device cuda: this mfn-cli was built without CUDA support; rebuild it with              `cargo build --release --features cuda -p mfn-cli` (needs the CUDA toolkit)"
+            "--device cuda: this mfn-cli was built without CUDA support; rebuild it with \
+             `cargo build --release --features cuda -p mfn-cli` (needs the CUDA toolkit)"
         ),
         DeviceKind::Cuda => Device::new_cuda(0).context(
-            "--device cuda: cannot open CUDA device 0 (is there a GPU, with its driver and              the CUDA libraries on the library path?)",
+            "--device cuda: cannot open CUDA device 0 (is there a GPU, with its driver and \
+             the CUDA libraries on the library path?)",
         ),
     }
 }
@@ -98,7 +100,8 @@ impl RunArgs {
     pub fn open(&self) -> Result<Device> {
         if self.device == DeviceKind::Cpu && self.dtype != DtypeArg::F32 {
             bail!(
-                "--dtype {}: reduced precision runs on --device cuda only; the CPU engine                  computes in f32",
+                "--dtype {}: reduced precision runs on --device cuda only; the CPU engine \
+                 computes in f32",
                 match self.dtype {
                     DtypeArg::F16 => "f16",
                     _ => "bf16",
