@@ -30,6 +30,46 @@ pub(crate) fn nc_plane(shape: &Shape, what: &str) -> Result<(usize, usize, usize
     Ok((d[0], d[1], d[2..].iter().product::<usize>().max(1)))
 }
 
+/// The inputs of a backward op: `x` and `dy` of one NCHW shape, and one value per
+/// channel (gamma, or the slopes), checked against each other.
+struct GradInputs<'a> {
+    n: usize,
+    c: usize,
+    plane: usize,
+    x: &'a [f32],
+    dy: &'a [f32],
+    per_channel: &'a [f32],
+}
+
+impl<'a> GradInputs<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        what: &str,
+        xs: &'a CpuStorage,
+        xl: &Layout,
+        ds: &'a CpuStorage,
+        dl: &Layout,
+        ps: &'a CpuStorage,
+        pl: &Layout,
+    ) -> Result<Self> {
+        let (n, c, plane) = nc_plane(xl.shape(), what)?;
+        let x = slice(xs, xl, what)?;
+        let dy = slice(ds, dl, what)?;
+        let per_channel = slice(ps, pl, what)?;
+        if dy.len() != x.len() || per_channel.len() != c {
+            bail!("{what}: shapes disagree");
+        }
+        Ok(Self {
+            n,
+            c,
+            plane,
+            x,
+            dy,
+            per_channel,
+        })
+    }
+}
+
 /// Per-channel mean and biased variance, accumulated in f64 over images in order.
 fn channel_stats(x: &[f32], n: usize, c: usize, plane: usize) -> Vec<(f64, f64)> {
     let m = (n * plane) as f64;
@@ -218,13 +258,14 @@ impl CustomOp3 for BatchNormGrad {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, plane) = nc_plane(xl.shape(), "batch norm grad")?;
-        let x = slice(xs, xl, "batch norm grad")?;
-        let dy = slice(ds, dl, "batch norm grad")?;
-        let g = slice(gs, gl, "batch norm grad")?;
-        if dy.len() != x.len() || g.len() != c {
-            bail!("batch norm grad: shapes disagree");
-        }
+        let GradInputs {
+            n,
+            c,
+            plane,
+            x,
+            dy,
+            per_channel: g,
+        } = GradInputs::read("batch norm grad", xs, xl, ds, dl, gs, gl)?;
         let stats = channel_stats(x, n, c, plane);
         let m = (n * plane) as f64;
         // Per channel: dbeta = sum(dy), dgamma = sum(dy * xhat).
@@ -404,13 +445,14 @@ impl CustomOp3 for PreluGrad {
         ss: &CpuStorage,
         sl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, plane) = nc_plane(xl.shape(), "prelu grad")?;
-        let x = slice(xs, xl, "prelu grad")?;
-        let dy = slice(ds, dl, "prelu grad")?;
-        let a = slice(ss, sl, "prelu grad")?;
-        if dy.len() != x.len() || a.len() != c {
-            bail!("prelu grad: shapes disagree");
-        }
+        let GradInputs {
+            n,
+            c,
+            plane,
+            x,
+            dy,
+            per_channel: a,
+        } = GradInputs::read("prelu grad", xs, xl, ds, dl, ss, sl)?;
         let cap = self.cap.unwrap_or(f32::INFINITY);
         let mut out = vec![0f32; x.len() + c];
         let (dx, da) = out.split_at_mut(x.len());
