@@ -515,8 +515,10 @@ impl ConvBnAct {
 impl ConvBnAct {
     /// The unfolded graph: candle conv, BatchNorm (batch statistics when `train`),
     /// activation.
-    /// Depthwise convs run as [`crate::grad::depthwise_conv2d`], whose backward pass is
-    /// native; the others through candle's `conv2d`.
+    /// Depthwise convs run as [`crate::grad::depthwise_conv2d`] and 1x1 convs as matrix
+    /// products, both with fast backward passes; the stem conv through candle's `conv2d`.
+    /// In train mode on the CPU, BatchNorm and the activation are the fused ops of
+    /// [`crate::train_ops`].
     pub fn forward_graph(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_graph_with(x, train, GraphConv::Native)
     }
