@@ -11,7 +11,7 @@
 //! the results are bit-identical whatever the number of threads.
 //!
 //! With the `cuda` feature the same three ops run on CUDA devices as native kernels
-//! ([`crate::cuda`]): one thread per output value for the forward pass and the input
+//! (`mfn_model::cuda` (with the `cuda` feature)): one thread per output value for the forward pass and the input
 //! gradient, one block per (channel, tap) with a fixed reduction tree for the weight
 //! gradient.
 

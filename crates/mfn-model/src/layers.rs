@@ -6,7 +6,7 @@
 //! inference path: BatchNorm is folded into the conv or FC weights when the layer is built,
 //! depthwise convs use [`crate::ops::DepthwiseConv2d`], and 1x1 convs run as plain matrix
 //! products with no im2col copy. On a CUDA device (with the `cuda` feature) depthwise convs
-//! and the bias/PReLU epilogues run the native kernels of [`crate::cuda`], their parameters
+//! and the bias/PReLU epilogues run the native kernels of `mfn_model::cuda` (with the `cuda` feature), their parameters
 //! kept on the device; the inference path can also run in f16 or bf16
 //! ([`crate::MobileFaceNet::to_dtype`]).
 

@@ -5,7 +5,7 @@
 //! and walking a whole activation tensor, forward and backward; these do one or two passes
 //! over NCHW planes instead. Reductions run per channel in a fixed order, so results do not
 //! depend on the number of threads. With the `cuda` feature the same ops run on CUDA
-//! devices as native kernels ([`crate::cuda`]; one block per channel for the reductions).
+//! devices as native kernels (`mfn_model::cuda` (with the `cuda` feature); one block per channel for the reductions).
 //! Other devices and dtypes fall back to candle's ops.
 
 use std::sync::{Arc, Mutex};
