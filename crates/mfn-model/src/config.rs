@@ -157,10 +157,33 @@ impl Bottleneck {
     }
 }
 
-/// The embedding layer after the global depthwise conv.
+/// How the last feature map (`last_channels` x the final map size) is turned into the
+/// embedding layer's input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// A linear global depthwise conv whose kernel covers the whole map (GDConv, the
+    /// paper's head): one feature per channel.
+    #[default]
+    #[serde(rename = "gdconv")]
+    GdConv,
+    /// A 1x1 conv to `channels`, with BatchNorm and the network's activation, then the
+    /// whole map flattened in NCHW order (`index = c * h * w + y * w + x`): `channels * h *
+    /// w` features. insightface's `w600k_mbf` reduces to 64 channels, 64 x 7 x 7 = 3136.
+    ConvReduce {
+        /// Output channels of the 1x1 conv.
+        channels: usize,
+    },
+}
+
+/// The head: what pools the last feature map, and the embedding layer after it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Head {
-    /// Whether the linear 512 -> embedding layer has a bias (insightface's `pre_fc1` has one).
+    /// What comes between the 1x1 conv to `last_channels` and the embedding layer. Files
+    /// written before it existed hold no such key and mean [`Pooling::GdConv`].
+    #[serde(default)]
+    pub pool: Pooling,
+    /// Whether the linear layer to the embedding has a bias (insightface's `pre_fc1` has one).
     pub fc_bias: bool,
     /// MXNet's `fix_gamma`: the final BatchNorm's scale is pinned to 1, whatever is stored.
     pub fix_gamma: bool,
@@ -223,6 +246,7 @@ impl Config {
             last_channels: 512,
             embedding_size: 128,
             head: Head {
+                pool: Pooling::GdConv,
                 fc_bias: false,
                 fix_gamma: false,
                 bn_eps: 1e-3,
@@ -238,6 +262,7 @@ impl Config {
         Self {
             name: "y1".into(),
             head: Head {
+                pool: Pooling::GdConv,
                 fc_bias: true,
                 fix_gamma: true,
                 bn_eps: 2e-5,
@@ -268,6 +293,7 @@ impl Config {
             last_channels: 512,
             embedding_size: 512,
             head: Head {
+                pool: Pooling::GdConv,
                 fc_bias: false,
                 fix_gamma: false,
                 bn_eps: 1e-5,
@@ -299,6 +325,24 @@ impl Config {
         }
     }
 
+    /// insightface's public `w600k_mbf` (the recognition model of its `buffalo_s` and
+    /// `buffalo_sc` packs): the [`Config::mbf`] body with another head. After the 1x1 conv
+    /// to 512 channels come a 1x1 conv to 64 channels with BatchNorm and PReLU, a flatten
+    /// of the 64 x 7 x 7 map (3136 features), FC 3136 -> 512 with bias and a BatchNorm
+    /// (eps 1e-5, learned gamma).
+    pub fn w600k_mbf() -> Self {
+        Self {
+            name: "w600k_mbf".into(),
+            head: Head {
+                pool: Pooling::ConvReduce { channels: 64 },
+                fc_bias: true,
+                fix_gamma: false,
+                bn_eps: 1e-5,
+            },
+            ..Self::mbf()
+        }
+    }
+
     /// foamliu/MobileFaceNet's PyTorch model: the paper's table with ReLU6 instead of
     /// PReLU, a depthwise separable conv with ReLU after the stem, a 1x1 conv 512 -> 128
     /// with bias and a BatchNorm as the embedding layer, BatchNorm eps 1e-5, and input
@@ -309,6 +353,7 @@ impl Config {
             input_norm: InputNorm::imagenet(),
             stem: StemKind::Separable(Activation::Relu),
             head: Head {
+                pool: Pooling::GdConv,
                 fc_bias: true,
                 fix_gamma: false,
                 bn_eps: 1e-5,
@@ -320,9 +365,9 @@ impl Config {
     }
 
     /// This network with every channel count (stem, bottlenecks, the conv before the
-    /// GDConv) scaled by `mult` and rounded to a multiple of 8 (at least 8), as MobileNets'
-    /// width multiplier; the embedding size stays. `mult` of 0.25 to 0.5 gives networks that
-    /// train in minutes on a CPU.
+    /// pooling, the channels of [`Pooling::ConvReduce`]) scaled by `mult` and rounded to a
+    /// multiple of 8 (at least 8), as MobileNets' width multiplier; the embedding size
+    /// stays. `mult` of 0.25 to 0.5 gives networks that train in minutes on a CPU.
     pub fn with_width(&self, mult: f64) -> Self {
         let scale = |c: usize| (((c as f64 * mult) / 8.0).round() as usize * 8).max(8);
         let mut c = self.clone();
@@ -343,6 +388,11 @@ impl Config {
             })
             .collect();
         c.last_channels = scale(self.last_channels);
+        if let Pooling::ConvReduce { channels } = self.head.pool {
+            c.head.pool = Pooling::ConvReduce {
+                channels: scale(channels),
+            };
+        }
         c
     }
 
@@ -354,14 +404,17 @@ impl Config {
             "mbf" => Some(Self::mbf()),
             "mbf_large" => Some(Self::mbf_large()),
             "foamliu" => Some(Self::foamliu()),
+            "w600k_mbf" => Some(Self::w600k_mbf()),
             _ => None,
         }
     }
 
     /// Names of the presets [`Config::preset`] knows.
-    pub const PRESETS: &'static [&'static str] = &["paper", "y1", "mbf", "mbf_large", "foamliu"];
+    pub const PRESETS: &'static [&'static str] =
+        &["paper", "y1", "mbf", "mbf_large", "foamliu", "w600k_mbf"];
 
-    /// The feature-map size that reaches the global depthwise conv, which is also its kernel.
+    /// The feature-map size that reaches the head: the kernel of the global depthwise
+    /// conv, and the map that [`Pooling::ConvReduce`] flattens.
     pub fn gdconv_kernel(&self) -> [usize; 2] {
         let mut hw = self.input_size.map(|d| conv_out(d, 3, 2, 1));
         for b in &self.blocks {
@@ -445,18 +498,28 @@ impl Config {
             }
         }
         let last = unit("conv_6sep", cin, self.last_channels, 1, 1, 1);
-        let gdconv = ConvSpec {
-            kernel: self.gdconv_kernel(),
-            pad: [0, 0],
-            act: None,
-            ..unit(
-                "conv_6dw7_7",
+        let [h, w] = self.gdconv_kernel();
+        let (pool, in_features) = match self.head.pool {
+            Pooling::GdConv => (
+                PoolSpec::GdConv(ConvSpec {
+                    kernel: [h, w],
+                    pad: [0, 0],
+                    act: None,
+                    ..unit(
+                        "conv_6dw7_7",
+                        self.last_channels,
+                        self.last_channels,
+                        1,
+                        1,
+                        self.last_channels,
+                    )
+                }),
                 self.last_channels,
-                self.last_channels,
-                1,
-                1,
-                self.last_channels,
-            )
+            ),
+            Pooling::ConvReduce { channels } => (
+                PoolSpec::ConvReduce(unit("conv_6_reduce", self.last_channels, channels, 1, 1, 1)),
+                channels * h * w,
+            ),
         };
         Plan {
             stem,
@@ -464,9 +527,9 @@ impl Config {
             stem_pw,
             blocks,
             last,
-            gdconv,
+            pool,
             embedding: EmbeddingSpec {
-                in_features: self.last_channels,
+                in_features,
                 out_features: self.embedding_size,
                 bias: self.head.fc_bias,
                 fix_gamma: self.head.fix_gamma,
@@ -585,10 +648,48 @@ pub struct BlockSpec {
     pub residual: bool,
 }
 
+/// The unit between the 1x1 conv to `last_channels` and the embedding layer, whose output
+/// is flattened (NCHW order) into the embedding layer's input.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum PoolSpec {
+    /// The global depthwise conv (GDConv), linear, kernel the whole map: `[N, C, 1, 1]` out.
+    /// Checkpoint name `conv_6dw7_7`.
+    GdConv(ConvSpec),
+    /// The 1x1 conv of [`Pooling::ConvReduce`], with BatchNorm and activation; the map
+    /// keeps its size. Checkpoint name `conv_6_reduce`.
+    ConvReduce(ConvSpec),
+}
+
+impl PoolSpec {
+    /// The conv unit, whichever kind.
+    pub fn conv(&self) -> &ConvSpec {
+        match self {
+            PoolSpec::GdConv(c) | PoolSpec::ConvReduce(c) => c,
+        }
+    }
+
+    /// The global depthwise conv, if that is the pooling.
+    pub fn gdconv(&self) -> Option<&ConvSpec> {
+        match self {
+            PoolSpec::GdConv(c) => Some(c),
+            PoolSpec::ConvReduce(_) => None,
+        }
+    }
+
+    /// The reduce conv, if that is the pooling.
+    pub fn reduce(&self) -> Option<&ConvSpec> {
+        match self {
+            PoolSpec::ConvReduce(c) => Some(c),
+            PoolSpec::GdConv(_) => None,
+        }
+    }
+}
+
 /// The linear embedding layer and its BatchNorm.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EmbeddingSpec {
-    /// Input features (channels of the global depthwise conv).
+    /// Input features: the pooling's flattened output (channels of the global depthwise
+    /// conv, or channels x height x width of the reduce conv).
     pub in_features: usize,
     /// Embedding size.
     pub out_features: usize,
@@ -622,8 +723,8 @@ pub struct Plan {
     pub blocks: Vec<BlockSpec>,
     /// 1x1 conv to `last_channels`.
     pub last: ConvSpec,
-    /// The global depthwise conv (GDConv), linear.
-    pub gdconv: ConvSpec,
+    /// What pools the last map for the embedding layer (see [`Pooling`]).
+    pub pool: PoolSpec,
     /// The embedding layer.
     pub embedding: EmbeddingSpec,
 }
@@ -639,7 +740,7 @@ impl Plan {
                     .iter()
                     .flat_map(|b| [&b.expand, &b.depthwise, &b.project]),
             )
-            .chain([&self.last, &self.gdconv])
+            .chain([&self.last, self.pool.conv()])
     }
 
     /// For each conv of [`Plan::convs`], whether a residual Add follows it.
@@ -730,7 +831,7 @@ mod tests {
         assert_eq!(names[12], "dconv_45_conv_sep");
         assert_eq!(names[14], "res_5_block1_conv_sep");
         assert_eq!(plan.blocks.len(), 15);
-        assert_eq!(plan.gdconv.kernel, [7, 7]);
+        assert_eq!(plan.pool.gdconv().unwrap().kernel, [7, 7]);
         assert!(!plan.blocks[0].residual && plan.blocks[1].residual);
         assert!(plan.blocks[6].residual, "res_4_block0 keeps 128 channels");
         assert_eq!(plan.blocks[5].expand.out_channels, 256);
@@ -753,8 +854,80 @@ mod tests {
 
     #[test]
     fn config_round_trips_through_json() {
-        let c = Config::y1();
-        let s = serde_json::to_string(&c).unwrap();
-        assert_eq!(serde_json::from_str::<Config>(&s).unwrap(), c);
+        for c in [Config::y1(), Config::w600k_mbf()] {
+            let s = serde_json::to_string(&c).unwrap();
+            assert_eq!(serde_json::from_str::<Config>(&s).unwrap(), c);
+        }
+    }
+
+    #[test]
+    fn config_json_without_a_pooling_means_gdconv() {
+        let mut json = serde_json::to_value(Config::y1()).unwrap();
+        let head = json["head"].as_object_mut().unwrap();
+        assert_eq!(head.remove("pool"), Some(serde_json::json!("gdconv")));
+        let c: Config = serde_json::from_value(json).unwrap();
+        assert_eq!(c, Config::y1());
+        let reduce = serde_json::to_value(Config::w600k_mbf()).unwrap();
+        assert_eq!(
+            reduce["head"]["pool"],
+            serde_json::json!({"conv_reduce": {"channels": 64}})
+        );
+    }
+
+    #[test]
+    fn w600k_mbf_counts_match_the_onnx_file() {
+        // From `w600k_mbf.onnx`'s initializers: 3,400,448 values, of which 1,024 are the
+        // final BatchNorm's running statistics. Its 49 convs have BatchNorm folded into
+        // a bias (our beta); our count adds the gamma that folding removed, one per output
+        // channel of every conv: 10,944 in all.
+        let c = Config::w600k_mbf().complexity();
+        assert_eq!(c.params, 3_400_448 - 1_024 + 10_944);
+        // Conv weights times output pixels, from the graph's inferred shapes, plus the
+        // FC's 3136 x 512.
+        assert_eq!(c.macs, 440_444_928);
+        assert_eq!(
+            c.macs - Config::mbf().complexity().macs,
+            (512 * 64 * 49 + 3136 * 512 - 512 * 49 - 512 * 512) as u64
+        );
+    }
+
+    #[test]
+    fn w600k_mbf_plan_has_the_reduce_head() {
+        let c = Config::w600k_mbf();
+        let plan = c.plan();
+        assert_eq!(plan.blocks, Config::mbf().plan().blocks);
+        let reduce = plan.pool.reduce().expect("a reduce conv");
+        assert!(plan.pool.gdconv().is_none());
+        assert_eq!(reduce.name, "conv_6_reduce");
+        assert_eq!(
+            (reduce.in_channels, reduce.out_channels, reduce.kernel),
+            (512, 64, [1, 1])
+        );
+        assert_eq!(reduce.act, Some(Activation::PRelu));
+        assert_eq!(plan.embedding.in_features, 3136);
+        assert!(plan.embedding.bias && !plan.embedding.fix_gamma);
+        let weights = plan.weights();
+        let names: Vec<&str> = weights.iter().map(|(n, _)| n.as_str()).collect();
+        for name in [
+            "conv_6_reduce_conv2d_weight",
+            "conv_6_reduce_batchnorm_gamma",
+            "conv_6_reduce_batchnorm_moving_var",
+            "conv_6_reduce_relu_gamma",
+            "fc1_weight",
+            "pre_fc1_bias",
+            "fc1_gamma",
+        ] {
+            assert!(names.contains(&name), "{name}");
+        }
+        assert!(!names.iter().any(|n| n.starts_with("conv_6dw7_7")));
+        let fc = weights.iter().find(|(n, _)| n == "fc1_weight").unwrap();
+        assert_eq!(fc.1, [512, 3136]);
+        assert_eq!(plan.convs().count(), plan.residual_after().len());
+        assert_eq!(plan.convs().last(), Some(reduce));
+        // The width multiplier narrows the reduce conv too.
+        let narrow = c.with_width(0.5);
+        assert_eq!(narrow.head.pool, Pooling::ConvReduce { channels: 32 });
+        assert_eq!(narrow.plan().embedding.in_features, 32 * 49);
+        assert_eq!(Config::preset("w600k_mbf"), Some(c));
     }
 }

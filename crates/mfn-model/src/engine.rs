@@ -27,7 +27,8 @@ pub enum LayerKind {
     Depthwise,
     /// The 1x1 convs (with the residual adds).
     Pointwise,
-    /// The global depthwise conv.
+    /// The pooling before the embedding layer: the global depthwise conv, or the 1x1
+    /// reduce conv of [`crate::Pooling::ConvReduce`].
     GdConv,
     /// The embedding layer.
     Head,
@@ -113,6 +114,15 @@ fn apply_cap(v: &mut [f32], cap: Option<f32>) {
     }
 }
 
+/// What pools the last map for the embedding layer.
+#[derive(Clone, Debug)]
+pub(crate) enum Pool {
+    /// The global depthwise conv: one value per channel.
+    GdConv(WindowConv),
+    /// A 1x1 conv that keeps the map; the head's weights are in NHWC order to match.
+    Reduce(Pointwise),
+}
+
 #[derive(Clone, Debug)]
 pub(crate) struct Block {
     pub expand: Pointwise,
@@ -132,7 +142,8 @@ pub(crate) struct CpuEngine {
     pub stem_pw: Option<Pointwise>,
     pub blocks: Vec<Block>,
     pub last: Pointwise,
-    pub gdconv: WindowConv,
+    pub pool: Pool,
+    /// The embedding layer, its input features in NHWC order.
     pub head: Pointwise,
     pub workspaces: Mutex<Vec<Workspace>>,
 }
@@ -696,7 +707,15 @@ impl CpuEngine {
             c: self.last.cout,
             ..s
         };
-        let g = self.gdconv.run(&ws.e, n, s, &mut ws.d, parallel);
+        // Each image's pooled map, `h * w * c` values in NHWC order, is one row of the
+        // embedding layer's input.
+        let g = match &self.pool {
+            Pool::GdConv(conv) => conv.run(&ws.e, n, s, &mut ws.d, parallel),
+            Pool::Reduce(conv) => {
+                conv.run(&ws.e, n * s.h * s.w, None, &mut ws.d, parallel);
+                Hwc { c: conv.cout, ..s }
+            }
+        };
         lap(LayerKind::GdConv, &mut times);
         let mut out = Vec::new();
         self.head.run(&ws.d, n, None, &mut out, parallel);

@@ -637,7 +637,8 @@ impl Bottleneck {
     }
 }
 
-/// The linear embedding layer and its BatchNorm, on a flattened GDConv output.
+/// The linear embedding layer and its BatchNorm, on the flattened (NCHW) output of the
+/// pooling: the GDConv's `[N, C, 1, 1]` or the reduce conv's whole map.
 #[derive(Clone, Debug)]
 pub struct Embedding {
     weight: Tensor,
@@ -699,11 +700,26 @@ impl Embedding {
         Ok(e)
     }
 
-    /// The layer as a product for the CPU engine.
-    pub(crate) fn engine_linear(&self) -> Result<engine::Pointwise> {
+    /// The layer as a product for the CPU engine, whose input is a `channels` x `hw` map
+    /// in NHWC order: the weight rows, stored for an NCHW flatten (`c * hw + p`), are
+    /// reordered to `p * channels + c` once here rather than the activations each call.
+    pub(crate) fn engine_linear(&self, channels: usize, hw: usize) -> Result<engine::Pointwise> {
         let (cin, cout) = self.folded_weight_t.dims2()?;
+        if channels * hw != cin {
+            candle_core::bail!(
+                "the embedding layer takes {cin} features, not {channels} x {hw} from the pooling"
+            );
+        }
+        let nchw = to_arc_vec(&self.folded_weight_t)?;
+        let mut w = vec![0f32; nchw.len()];
+        for c in 0..channels {
+            for p in 0..hw {
+                let (from, to) = ((c * hw + p) * cout, (p * channels + c) * cout);
+                w[to..to + cout].copy_from_slice(&nchw[from..from + cout]);
+            }
+        }
         Ok(engine::Pointwise {
-            w: to_arc_vec(&self.folded_weight_t)?.to_vec(),
+            w,
             bias: to_arc_vec(&self.folded_bias)?.to_vec(),
             slope: None,
             cap: None,

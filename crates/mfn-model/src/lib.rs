@@ -16,7 +16,8 @@ pub mod train_ops;
 
 pub use checkpoint::{Checkpoint, CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION};
 pub use config::{
-    Activation, Bottleneck, Complexity, Config, ConvSpec, Head, InputNorm, Plan, StemKind,
+    Activation, Bottleneck, Complexity, Config, ConvSpec, Head, InputNorm, Plan, PoolSpec, Pooling,
+    StemKind,
 };
 pub use engine::{LayerKind, LayerTimes};
 pub use error::{Error, Result};

@@ -3,10 +3,10 @@
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::config::{Config, Plan};
+use crate::config::{Config, Plan, PoolSpec};
 use std::sync::{Arc, Mutex};
 
-use crate::engine::{CpuEngine, LayerTimes};
+use crate::engine::{CpuEngine, LayerTimes, Pool};
 use crate::grad::GraphConv;
 use crate::layers::{l2_normalize, Bottleneck, ConvBnAct, Embedding};
 use crate::{Error, Result};
@@ -26,7 +26,8 @@ pub struct MobileFaceNet {
     stem_pw: Option<ConvBnAct>,
     blocks: Vec<Bottleneck>,
     last: ConvBnAct,
-    gdconv: ConvBnAct,
+    /// The global depthwise conv or the reduce conv (see [`crate::Pooling`]).
+    pool: ConvBnAct,
     embedding: Embedding,
     engine: Arc<CpuEngine>,
     /// The dtype [`Self::forward_layers`] computes in, when set by [`Self::to_dtype`]: the
@@ -53,8 +54,13 @@ impl MobileFaceNet {
             .map(|b| Bottleneck::new(b, &vb))
             .collect::<candle_core::Result<_>>()?;
         let last = ConvBnAct::new(&plan.last, &vb)?;
-        let gdconv = ConvBnAct::new(&plan.gdconv, &vb)?;
+        let pool = ConvBnAct::new(plan.pool.conv(), &vb)?;
         let embedding = Embedding::new(&plan.embedding, &vb)?;
+        let [h, w] = config.gdconv_kernel();
+        let (engine_pool, pooled_hw) = match &plan.pool {
+            PoolSpec::GdConv(_) => (Pool::GdConv(pool.engine_depthwise()?), 1),
+            PoolSpec::ConvReduce(_) => (Pool::Reduce(pool.engine_pointwise()?), h * w),
+        };
         let engine = CpuEngine {
             input_hw: config.input_size,
             mean: config.input_norm.mean,
@@ -73,8 +79,8 @@ impl MobileFaceNet {
                 .map(Bottleneck::engine_block)
                 .collect::<candle_core::Result<_>>()?,
             last: last.engine_pointwise()?,
-            gdconv: gdconv.engine_depthwise()?,
-            head: embedding.engine_linear()?,
+            pool: engine_pool,
+            head: embedding.engine_linear(plan.pool.conv().out_channels, pooled_hw)?,
             workspaces: Mutex::new(Vec::new()),
         };
         Ok(Self {
@@ -86,7 +92,7 @@ impl MobileFaceNet {
             stem_pw,
             blocks,
             last,
-            gdconv,
+            pool,
             embedding,
             engine: Arc::new(engine),
             dtype: None,
@@ -125,7 +131,7 @@ impl MobileFaceNet {
                 .map(|b| b.to_dtype(dtype))
                 .collect::<candle_core::Result<_>>()?,
             last: unit(&self.last)?,
-            gdconv: unit(&self.gdconv)?,
+            pool: unit(&self.pool)?,
             embedding: self.embedding.to_dtype(dtype)?,
             engine: self.engine.clone(),
             dtype: Some(dtype),
@@ -214,7 +220,7 @@ impl MobileFaceNet {
         }
         let y = self
             .embedding
-            .forward(&self.gdconv.forward(&self.last.forward(&y)?)?)?;
+            .forward(&self.pool.forward(&self.last.forward(&y)?)?)?;
         Ok(match self.dtype {
             Some(_) => y.to_dtype(DType::F32)?,
             None => y,
@@ -246,7 +252,7 @@ impl MobileFaceNet {
             y = b.forward_graph_with(&y, train, conv)?;
         }
         let y = self.last.forward_graph_with(&y, train, conv)?;
-        let y = self.gdconv.forward_graph_with(&y, train, conv)?;
+        let y = self.pool.forward_graph_with(&y, train, conv)?;
         Ok(self.embedding.forward_graph(&y, train)?)
     }
 

@@ -1,5 +1,6 @@
-//! The variants beyond the paper's: insightface's `mbf` and `mbf_large`, foamliu's ReLU6
-//! network with its separable stem, and PyTorch checkpoints in their own layouts.
+//! The variants beyond the paper's: insightface's `mbf`, `mbf_large` and `w600k_mbf`,
+//! foamliu's ReLU6 network with its separable stem, and PyTorch checkpoints in their own
+//! layouts.
 
 use std::path::PathBuf;
 
@@ -47,6 +48,7 @@ fn every_preset_runs_the_same_on_all_three_paths() {
     let narrow = [
         Config::paper().with_width(0.25),
         Config::mbf().with_width(0.5),
+        Config::w600k_mbf().with_width(0.5),
     ];
     for config in Config::PRESETS
         .iter()
@@ -83,7 +85,7 @@ fn mbf_large_follows_arcface_torch() {
         .collect();
     assert_eq!(strided, [2, 11, 24]);
     assert!(plan.blocks[0].residual && plan.blocks[1].residual && !plan.blocks[2].residual);
-    assert_eq!(plan.gdconv.kernel, [7, 7]);
+    assert_eq!(plan.pool.gdconv().unwrap().kernel, [7, 7]);
     assert_eq!(plan.embedding.out_features, 512);
     // Larger than mbf, as the name says.
     assert!(c.complexity().params > 2 * Config::mbf().complexity().params);
@@ -213,4 +215,26 @@ fn arcface_torch_layout_maps_onto_mbf_and_mbf_large() {
             config.name
         );
     }
+}
+
+#[test]
+fn torch_layouts_refuse_the_conv_reduce_head() {
+    let config = Config::w600k_mbf();
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    MobileFaceNet::new(&config, vb).unwrap();
+    let ours: std::collections::HashMap<String, Tensor> = map
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let err = mfn_model::import::torch::to_layout(
+        mfn_model::import::torch::TorchLayout::ArcfaceTorch,
+        &config,
+        &ours,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("reduce conv"), "{err}");
 }

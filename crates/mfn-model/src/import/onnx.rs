@@ -8,9 +8,12 @@
 //! Exporters give initializers opaque names (`onnx::Conv_548`), so weights are matched to
 //! the network by graph order: each Conv (with its BatchNormalization when not folded, and
 //! its PRelu, Relu or Clip(0, 6)), each residual Add, and the final Gemm/MatMul (or 1x1
-//! Conv) and BatchNormalization, in turn, against the layers a [`Config`] implies. A
-//! leading Sub/Mul (or Sub/Div), by a scalar or one value per channel, is taken as the
-//! input normalisation, as insightface's `arcface_onnx.py` does.
+//! Conv) and BatchNormalization, in turn, against the layers a [`Config`] implies. The
+//! head's conv is the GDConv or, for [`crate::Pooling::ConvReduce`] (`w600k_mbf`), a 1x1
+//! Conv with its PRelu whose map a Flatten hands to the Gemm; Flatten and Reshape only
+//! move data, so the walk passes over them. A leading Sub/Mul (or Sub/Div), by a scalar or
+//! one value per channel, is taken as the input normalisation, as insightface's
+//! `arcface_onnx.py` does.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -649,11 +652,13 @@ fn transpose(a: &Array, path: &Path, node: &str) -> Result<Array> {
 }
 
 /// Weights of a model file, named for `config`, with the config as the graph defines it.
+/// `matched` counts the layers that agreed with the config before any mismatch.
 fn assign(
     layers: Vec<Layer>,
     norm: Option<InputNorm>,
     config: &Config,
     path: &Path,
+    matched: &mut usize,
 ) -> Result<(Config, HashMap<String, Array>)> {
     let mut config = config.clone();
     if let Some(n) = norm {
@@ -671,8 +676,15 @@ fn assign(
         found: "something else".into(),
     };
     for (spec, residual) in convs.iter().zip(&residuals) {
-        let Some(Layer::Conv(c)) = it.next() else {
-            return Err(mismatch("(end of graph)", format!("conv `{}`", spec.name)));
+        let c = match it.next() {
+            Some(Layer::Conv(c)) => c,
+            Some(other) => {
+                return Err(mismatch(
+                    layer_node(&other),
+                    format!("conv `{}`", spec.name),
+                ))
+            }
+            None => return Err(mismatch("(end of graph)", format!("conv `{}`", spec.name))),
         };
         let want_w = [
             spec.out_channels,
@@ -753,9 +765,10 @@ fn assign(
             }
             out.insert(spec.prelu_name(), vector(data));
         }
+        *matched += 1;
         if *residual {
             match it.next() {
-                Some(Layer::Add(_)) => {}
+                Some(Layer::Add(_)) => *matched += 1,
                 _ => {
                     return Err(mismatch(
                         &c.node,
@@ -787,17 +800,19 @@ fn assign(
         }
         other => other,
     };
-    let Some(Layer::Linear {
-        node,
-        weight,
-        bias,
-        bn,
-    }) = head
-    else {
-        return Err(mismatch(
-            "(end of graph)",
-            "the embedding layer (Gemm or MatMul)".into(),
-        ));
+    let (node, weight, bias, bn) = match head {
+        Some(Layer::Linear {
+            node,
+            weight,
+            bias,
+            bn,
+        }) => (node, weight, bias, bn),
+        other => {
+            return Err(mismatch(
+                other.as_ref().map_or("(end of graph)", layer_node),
+                "the embedding layer (Gemm or MatMul)".into(),
+            ))
+        }
     };
     if weight.dims != [e.out_features, e.in_features] || bias.is_some() != e.bias {
         return Err(mismatch(
@@ -828,19 +843,26 @@ fn assign(
     ] {
         out.insert(format!("{}_{part}", crate::config::EmbeddingSpec::BN), a);
     }
+    *matched += 1;
     if let Some(extra) = it.next() {
-        let node = match extra {
-            Layer::Conv(c) => c.node,
-            Layer::Add(n) | Layer::Linear { node: n, .. } => n,
-        };
-        return Err(mismatch(&node, "the end of the graph".into()));
+        return Err(mismatch(layer_node(&extra), "the end of the graph".into()));
     }
     Ok((config, out))
 }
 
+/// The name of the node a layer came from.
+fn layer_node(layer: &Layer) -> &str {
+    match layer {
+        Layer::Conv(c) => &c.node,
+        Layer::Add(n) | Layer::Linear { node: n, .. } => n,
+    }
+}
+
 /// Reads an ONNX MobileFaceNet. With `config`, the graph must match it; without, every
-/// preset is tried in turn. `input_norm` overrides the normalisation; otherwise the graph's
-/// own (a leading Sub/Mul) is used, and failing that the config's.
+/// preset is tried in turn (the first that matches wins) and, when none does, the error is
+/// that of the preset that matched the most layers before its first differing node.
+/// `input_norm` overrides the normalisation; otherwise the graph's own (a leading Sub/Mul)
+/// is used, and failing that the config's.
 pub fn load(
     path: &Path,
     config: Option<&Config>,
@@ -861,11 +883,12 @@ pub fn load(
             .filter_map(|n| Config::preset(n))
             .collect(),
     };
-    let mut first_err = None;
+    let mut best_err: Option<(usize, Error)> = None;
     for c in &candidates {
         // Matching consumes the layers, so each candidate walks the graph afresh.
         let (found, _) = layers(&g, path)?;
-        match assign(found, norm.clone(), c, path) {
+        let mut matched = 0;
+        match assign(found, norm.clone(), c, path, &mut matched) {
             Ok((config, arrays)) => {
                 let tensors = arrays
                     .into_iter()
@@ -874,11 +897,13 @@ pub fn load(
                 return Ok((config, tensors));
             }
             Err(e) => {
-                first_err.get_or_insert(e);
+                if best_err.as_ref().is_none_or(|(m, _)| matched > *m) {
+                    best_err = Some((matched, e));
+                }
             }
         }
     }
-    Err(first_err.unwrap_or_else(|| err(path, "no config to match")))
+    Err(best_err.map_or_else(|| err(path, "no config to match"), |(_, e)| e))
 }
 
 /// Parses the graph of an ONNX model in memory and reports what does not fit a

@@ -13,7 +13,7 @@ use std::path::Path;
 use candle_core::pickle::{Object, Stack};
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{Config, EmbeddingSpec, Plan};
+use crate::config::{Config, EmbeddingSpec, Plan, Pooling};
 use crate::{Error, Result};
 
 /// The pickled magic number that opens the legacy layout: protocol 2, a 10-byte LONG1
@@ -336,6 +336,21 @@ fn torch_names(layout: TorchLayout, plan: &Plan) -> (Vec<TorchUnit>, [String; 3]
     }
 }
 
+/// Both layouts end in a GDConv; a config with another head has no names in them.
+fn check_head(config: &Config, path: &Path) -> Result<()> {
+    match config.head.pool {
+        Pooling::GdConv => Ok(()),
+        Pooling::ConvReduce { .. } => Err(torch_err(
+            path,
+            format!(
+                "config `{}` pools with a 1x1 reduce conv, which no supported PyTorch layout \
+                 holds (they end in a GDConv); use its ONNX export or the native format",
+                config.name
+            ),
+        )),
+    }
+}
+
 /// Renames a layout's tensors to `config`'s checkpoint names, checking every shape.
 fn rename(
     layout: TorchLayout,
@@ -343,6 +358,7 @@ fn rename(
     sd: &HashMap<String, Tensor>,
     path: &Path,
 ) -> Result<HashMap<String, Tensor>> {
+    check_head(config, path)?;
     let plan = config.plan();
     let (units, [fc_w, fc_b, fc_bn]) = torch_names(layout, &plan);
     let get = |name: &str| {
@@ -439,13 +455,15 @@ pub fn from_state_dict(
 
 /// The inverse of the import: this crate's weights for `config` under a PyTorch layout's
 /// names, for handing a model back to PyTorch code. foamliu's embedding weight becomes
-/// its `[out, in, 1, 1]` conv again.
+/// its `[out, in, 1, 1]` conv again. Both layouts end in a GDConv, so a config with
+/// [`Pooling::ConvReduce`] is an error.
 pub fn to_layout(
     layout: TorchLayout,
     config: &Config,
     tensors: &HashMap<String, Tensor>,
 ) -> Result<HashMap<String, Tensor>> {
     let path = Path::new("(weights in memory)");
+    check_head(config, path)?;
     crate::checkpoint::check_weights(config, tensors, path)?;
     let plan = config.plan();
     let (units, [fc_w, fc_b, fc_bn]) = torch_names(layout, &plan);
