@@ -1,10 +1,10 @@
-//! One full LFW fold (600 pairs) through the real y1, against ONNX Runtime's accuracy on
-//! the same fold.
+//! One full LFW fold (600 pairs) through the real y1 and w600k_mbf, against ONNX Runtime's
+//! accuracy on the same fold.
 //!
 //! A fold's accuracy depends on the threshold learned on the other nine folds. Those
 //! thresholds come from a full 10-fold run of this project (`cargo xtask accuracy`, whose
 //! per-fold accuracies equal the reference on all ten folds) and are kept in
-//! `tests/expect/lfw-y1-fold1.json`, so that CI embeds one fold instead of all of LFW.
+//! `tests/expect/lfw-*-fold1.json`, so that CI embeds one fold instead of all of LFW.
 
 use std::path::PathBuf;
 
@@ -20,7 +20,42 @@ fn json(path: &std::path::Path) -> Value {
 }
 
 #[test]
-fn first_lfw_fold_matches_the_reference_accuracy() {
+fn first_lfw_fold_matches_the_reference_accuracy_y1() {
+    first_fold(
+        y1(),
+        "lfw-y1-fold1.json",
+        "golden/lfw-y1-reference.json",
+        "/results_image_crate",
+        "fold_accuracy",
+    );
+}
+
+#[test]
+fn first_lfw_fold_matches_the_reference_accuracy_w600k_mbf() {
+    let device = Device::Cpu;
+    let model =
+        mfn_model::Checkpoint::load(&asset("models/w600k-mbf/w600k_mbf.onnx"), None, &device)
+            .unwrap()
+            .build(&device)
+            .unwrap();
+    first_fold(
+        model,
+        "lfw-w600k-mbf-fold1.json",
+        "golden/w600k-mbf-reference.json",
+        "/lfw/results_image_crate",
+        "folds",
+    );
+}
+
+/// Fold 1 of LFW through `model`, at the thresholds in `tests/expect/{expect}`, against
+/// the reference's fold-1 accuracies under `pointer` (`{pointer}/{flip}/{protocol}/{key}`).
+fn first_fold(
+    model: mfn_model::MobileFaceNet,
+    expect: &str,
+    reference: &str,
+    pointer: &str,
+    key: &str,
+) {
     let pairs = Pairs::read(&asset("lfw/pairs.txt")).unwrap();
     let fold: Vec<_> = pairs
         .pairs
@@ -38,11 +73,12 @@ fn first_lfw_fold_matches_the_reference_accuracy() {
     let paths: Vec<PathBuf> = unique.iter().map(|r| r.path(&root, "jpg")).collect();
 
     let device = Device::Cpu;
-    let model = y1();
-
-    let expect =
-        json(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/expect/lfw-y1-fold1.json"));
-    let reference = json(&asset("golden/lfw-y1-reference.json"));
+    let expect = json(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/expect")
+            .join(expect),
+    );
+    let reference = json(&asset(reference));
     let labels = fold.labels();
     for (setting, flip) in [("flip", true), ("noflip", false)] {
         let emb = mfn_data::embed_images(
@@ -69,9 +105,9 @@ fn first_lfw_fold_matches_the_reference_accuracy() {
         let exact = expect[setting]["exact_threshold"].as_f64().unwrap();
         let got_grid = accuracy(&|c| 2.0 - 2.0 * c < grid);
         let got_exact = accuracy(&|c| c > exact);
-        let refs = &reference["results_image_crate"][setting];
-        let want_grid = refs["insightface"]["fold_accuracy"][0].as_f64().unwrap();
-        let want_exact = refs["exact"]["fold_accuracy"][0].as_f64().unwrap();
+        let refs = &reference.pointer(pointer).unwrap()[setting];
+        let want_grid = refs["insightface"][key][0].as_f64().unwrap();
+        let want_exact = refs["exact"][key][0].as_f64().unwrap();
         // The reference rounds to 5 decimals; one pair is 0.00167.
         assert!(
             (got_grid - want_grid).abs() < 1e-4,

@@ -11,8 +11,8 @@ use super::{image_size, load_model_on, DetectorArgs, RunArgs};
 /// Arguments of `mfn-cli embed`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model: a native `.safetensors` file or an MXNet `*-symbol.json`
-    /// [default: $MFN_ASSETS/models/mobilefacenet-y1/model-symbol.json].
+    /// Model: a file (native `.safetensors`, MXNet `*-symbol.json`, `.onnx`, `.pt`) or a
+    /// registry name [default: w600k_mbf].
     #[arg(long)]
     model: Option<PathBuf>,
     /// Write the raw network output instead of unit-length embeddings.

@@ -8,7 +8,7 @@ pub mod pack_bin;
 pub mod train;
 pub mod verify;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -23,7 +23,12 @@ pub fn asset_or(explicit: Option<PathBuf>, rel: &str, flag: &str) -> Result<Path
         return Ok(p);
     }
     match mfn_data::assets::root() {
-        Some(root) => Ok(root.join(rel)),
+        Some(root) if root.join(rel).exists() => Ok(root.join(rel)),
+        Some(root) => bail!(
+            "no {flag} given, and the assets folder {ASSETS_ENV}={} holds no {rel}: pass {flag} \
+             PATH, or set {ASSETS_ENV} to an assets folder that holds {rel}",
+            root.display()
+        ),
         None => bail!(
             "no {flag} given and {ASSETS_ENV} is not set: pass {flag} PATH, or set {ASSETS_ENV} \
              to an assets folder that holds {rel}"
@@ -31,8 +36,79 @@ pub fn asset_or(explicit: Option<PathBuf>, rel: &str, flag: &str) -> Result<Path
     }
 }
 
-/// The default model: insightface's MobileFaceNet y1 under the assets folder.
-pub const DEFAULT_MODEL: &str = "models/mobilefacenet-y1/model-symbol.json";
+/// The pinned sources and where they are found (assets folder, cache, download).
+pub fn hub() -> Result<mfn_hub::Hub> {
+    mfn_hub::Hub::from_env().context("reading the registry of pinned sources")
+}
+
+/// The pinned file `name`, found through [`hub`], with a note on stderr when it is
+/// downloaded.
+pub fn pinned_file(hub: &mfn_hub::Hub, name: &str) -> Result<PathBuf> {
+    let entry = hub.registry.get(name)?;
+    note_download(hub, entry);
+    Ok(hub
+        .resolver
+        .resolve(entry)
+        .with_context(|| format!("getting `{name}`"))?
+        .path)
+}
+
+/// Tells the user, before a download, what comes from where and how big it is.
+fn note_download(hub: &mfn_hub::Hub, entry: &mfn_hub::Entry) {
+    let r = &hub.resolver;
+    let in_assets = match (&r.assets, &entry.assets) {
+        (Some(root), Some(rel)) => root.join(rel).is_file(),
+        _ => false,
+    };
+    if in_assets || r.cache_path(entry).is_file() || r.offline.is_some() {
+        return;
+    }
+    if let Some(note) = &r.assets_note {
+        eprintln!("note: {note}");
+    }
+    eprintln!(
+        "note: downloading `{}` ({:.1} MB) from {} into {}",
+        entry.name,
+        entry.size as f64 / 1e6,
+        r.url(entry),
+        r.cache_path(entry).display()
+    );
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it, synced and renamed into
+/// place, so that a failed write leaves the old file (or none) and no partial one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
+
+/// The model `mfn-cli` uses when `--model` is not given: a registry name.
+pub const DEFAULT_MODEL: &str = mfn_hub::DEFAULT_MODEL;
 
 /// Where a network runs.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -119,7 +195,6 @@ pub fn load_model_on(
     device: &Device,
     dtype: DType,
 ) -> Result<(Checkpoint, MobileFaceNet)> {
-    let path = asset_or(model, DEFAULT_MODEL, "--model")?;
     let config = match preset {
         Some(name) => Some(Config::preset(name).with_context(|| {
             format!(
@@ -129,12 +204,45 @@ pub fn load_model_on(
         })?),
         None => None,
     };
-    let ckpt = Checkpoint::load(&path, config.as_ref(), &Device::Cpu)
-        .with_context(|| format!("loading model {}", path.display()))?;
+    let ckpt = load_checkpoint(model, config.as_ref())?;
+    let path = ckpt.source.clone();
     let model = ckpt
         .build_with_dtype(device, dtype)
         .with_context(|| format!("building model from {}", path.display()))?;
     Ok((ckpt, model))
+}
+
+/// A model by `--model`: a file (native, MXNet, ONNX, PyTorch), or the name of a model in
+/// the registry, converted on first use; [`DEFAULT_MODEL`] when `None`.
+pub fn load_checkpoint(model: Option<PathBuf>, config: Option<&Config>) -> Result<Checkpoint> {
+    let name = match &model {
+        None => Some(DEFAULT_MODEL.to_string()),
+        // A bare word that is no file is a registry name.
+        Some(p) if !p.exists() && p.components().count() == 1 && p.extension().is_none() => {
+            Some(p.display().to_string())
+        }
+        Some(_) => None,
+    };
+    if let Some(name) = name {
+        let hub = hub()?;
+        let entry = hub
+            .registry
+            .get_kind(&name, mfn_hub::Kind::Model)
+            .with_context(|| {
+                format!("--model {name}: neither a model file nor a registry model")
+            })?;
+        note_download(&hub, entry);
+        for c in entry.model.iter().flat_map(|m| &m.companions) {
+            note_download(&hub, hub.registry.get(c)?);
+        }
+        let pretrained = hub
+            .model(&name)
+            .with_context(|| format!("loading the registry model `{name}`"))?;
+        return Ok(pretrained.checkpoint);
+    }
+    let path = model.unwrap_or_default();
+    Checkpoint::load(&path, config, &Device::Cpu)
+        .with_context(|| format!("loading model {}", path.display()))
 }
 
 /// Loads a checkpoint by path (`preset` picks the config an MXNet symbol or ONNX graph is
@@ -153,7 +261,7 @@ pub fn image_size(config: &Config) -> [usize; 2] {
 }
 
 /// The metadata key of a model's verification threshold (a cosine).
-pub const THRESHOLD_KEY: &str = "mfn.threshold";
+pub const THRESHOLD_KEY: &str = mfn_hub::pretrained::THRESHOLD_KEY;
 
 /// Which face detector to use and where its weights are.
 #[derive(clap::Args, Debug, Clone)]
@@ -162,7 +270,8 @@ pub struct DetectorArgs {
     #[arg(long, value_enum, default_value_t = DetectorKind::Mtcnn)]
     pub detector: DetectorKind,
     /// Detector weights: MTCNN's folder (`pnet.pt`, `rnet.pt`, `onet.pt`) or RetinaFace's
-    /// `mobilenet0.25_Final.pth` [default: under $MFN_ASSETS/models].
+    /// `mobilenet0.25_Final.pth` [default: the registry's pinned copies, from $MFN_ASSETS,
+    /// the cache or their public sources].
     #[arg(long)]
     pub detector_weights: Option<PathBuf>,
     /// Smallest face to look for, in pixels.
@@ -185,19 +294,29 @@ impl DetectorArgs {
         let device = Device::Cpu;
         let detector = match self.detector {
             DetectorKind::Mtcnn => {
-                let dir = asset_or(
-                    self.detector_weights.clone(),
-                    "models/mtcnn",
-                    "--detector-weights",
-                )?;
+                let dir = match &self.detector_weights {
+                    Some(d) => d.clone(),
+                    None => {
+                        let hub = hub()?;
+                        let mut dirs = Vec::new();
+                        for net in ["mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet"] {
+                            let p = pinned_file(&hub, net)?;
+                            dirs.push(p.parent().map(Path::to_path_buf).unwrap_or_default());
+                        }
+                        dirs.dedup();
+                        if dirs.len() != 1 {
+                            bail!("MTCNN's three nets were found in different folders: {dirs:?}");
+                        }
+                        dirs.remove(0)
+                    }
+                };
                 mfn_data::detect::Detector::mtcnn(&dir, &device)
             }
             DetectorKind::Retinaface => {
-                let path = asset_or(
-                    self.detector_weights.clone(),
-                    "models/retinaface-mnet025/mobilenet0.25_Final.pth",
-                    "--detector-weights",
-                )?;
+                let path = match &self.detector_weights {
+                    Some(p) => p.clone(),
+                    None => pinned_file(&hub()?, "retinaface_mnet025")?,
+                };
                 mfn_data::detect::Detector::retinaface(&path, &device)
             }
         }

@@ -7,17 +7,17 @@ use candle_core::Device;
 use mfn_data::face::{images_to_tensor, Pick};
 use serde_json::json;
 
-use super::{image_size, load_model, DetectorArgs, THRESHOLD_KEY};
+use super::{hub, image_size, load_model, DetectorArgs};
 
 /// Arguments of `mfn-cli verify`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model: a native `.safetensors` file or an MXNet `*-symbol.json`
-    /// [default: $MFN_ASSETS/models/mobilefacenet-y1/model-symbol.json].
+    /// Model: a file (native `.safetensors`, MXNet `*-symbol.json`, `.onnx`, `.pt`) or a
+    /// registry name [default: w600k_mbf].
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Cosine threshold; "same" when the cosine is at least this
-    /// [default: the model's `mfn.threshold` metadata].
+    /// Cosine threshold; "same" when the cosine is at least this [default: the model's
+    /// `mfn.threshold` metadata, else the registry's threshold for its weights].
     #[arg(long)]
     threshold: Option<f64>,
     /// The photos are already aligned crops at the model's input size: skip detection.
@@ -39,20 +39,36 @@ pub struct Args {
 
 /// Runs the command; `Ok(true)` when both photos show the same person.
 pub fn run(args: Args) -> Result<bool> {
+    if let Some(t) = args.threshold {
+        if !t.is_finite() || !(-1.0..=1.0).contains(&t) {
+            bail!("--threshold {t}: a threshold is a cosine in -1..=1");
+        }
+    }
     let (ckpt, model) = load_model(args.model.clone(), None)?;
-    let threshold = match args.threshold {
-        Some(t) => t,
-        None => match ckpt.metadata.get(THRESHOLD_KEY) {
-            Some(t) => t
-                .parse()
-                .with_context(|| format!("{}: bad {THRESHOLD_KEY} `{t}`", ckpt.source.display()))?,
+    let (threshold, from) = match args.threshold {
+        Some(t) => (t, "--threshold".to_string()),
+        None => match mfn_hub::find_threshold(&hub()?.registry, &ckpt)? {
+            Some(t) => {
+                let whence = match &t.origin {
+                    mfn_hub::ThresholdOrigin::Metadata => {
+                        format!("{}'s metadata: {}", ckpt.source.display(), t.derivation)
+                    }
+                    mfn_hub::ThresholdOrigin::Registry { entry } => {
+                        format!("registry entry `{entry}`: {}", t.derivation)
+                    }
+                };
+                (t.cosine, whence)
+            }
             None => bail!(
-                "{} has no verification threshold: pass --threshold, or store one with \
-                 `mfn-cli eval --model MODEL.safetensors --save-threshold`",
+                "{} has no verification threshold: neither its metadata nor the registry \
+                 (by the sha256 of its weights) gives one. Pass --threshold, or measure one \
+                 with `mfn-cli convert` then `mfn-cli eval --model MODEL.safetensors \
+                 --save-threshold`",
                 ckpt.source.display()
             ),
         },
     };
+    eprintln!("threshold {threshold:.4} from {from}");
     let size = image_size(model.config()).map(|v| v as u32);
     let crops = if args.aligned {
         vec![
@@ -84,6 +100,7 @@ pub fn run(args: Args) -> Result<bool> {
             "b": args.b.display().to_string(),
             "cosine": cosine,
             "threshold": threshold,
+            "threshold_source": from,
             "same": same,
         });
         std::fs::write(path, serde_json::to_string_pretty(&out)?)

@@ -12,9 +12,14 @@ pub fn asset(rel: &str) -> PathBuf {
     mfn_data::assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Runs the `mfn-cli` binary built for these tests.
+/// Runs the `mfn-cli` binary built for these tests, with its cache (converted registry
+/// models) under the build's temporary folder rather than the user's home.
 pub fn mfn(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_mfn-cli"))
+        .env(
+            "MFN_HOME",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("mfn-home"),
+        )
         .args(args)
         .output()
         .expect("running mfn-cli")
