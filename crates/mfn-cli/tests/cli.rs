@@ -249,18 +249,117 @@ fn corrupt_image_and_missing_model_are_clear_errors() {
 }
 
 #[test]
-fn without_assets_eval_says_what_to_pass() {
+fn without_assets_or_network_eval_says_what_to_pass_or_set() {
+    let home = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_mfn-cli"))
         .arg("eval")
         .env_remove("MFN_ASSETS")
+        .env("MFN_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
+    let last = err.lines().last().unwrap_or_default();
     assert!(
-        err.contains("--pairs") && err.contains("MFN_ASSETS"),
+        last.contains("`lfw`") && last.contains("MFN_ASSETS") && last.contains("HF_HUB_OFFLINE"),
         "{err}"
     );
+    assert!(err.contains("--pairs"), "{err}");
+}
+
+#[test]
+fn save_threshold_keeps_the_one_measured_on_more_pairs_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let native = dir.path().join("y1.safetensors");
+    let symbol = asset("models/mobilefacenet-y1/model-symbol.json");
+    ok(mfn(&[
+        "convert",
+        symbol.to_str().unwrap(),
+        native.to_str().unwrap(),
+    ]));
+    let model = native.to_str().unwrap();
+    let fold1 = asset("lfw/lfw-fold1.bin");
+    let small = asset("lfw/lfw-20pairs-protocol2.bin");
+    let json = dir.path().join("e.json");
+    let out = ok(mfn(&[
+        "eval",
+        "--model",
+        model,
+        "--bin",
+        fold1.to_str().unwrap(),
+        "--save-threshold",
+        "far=1e-2",
+        "--json",
+        json.to_str().unwrap(),
+    ]));
+    let report = read_json(&json);
+    let at = report["tar_at_far_detail"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["far"] == 0.01)
+        .unwrap()
+        .clone();
+    let stored = |path: &std::path::Path| {
+        let c = mfn_model::Checkpoint::load(path, None, &candle_core::Device::Cpu).unwrap();
+        (
+            c.metadata["mfn.threshold"].parse::<f64>().unwrap(),
+            c.metadata["mfn.threshold.pairs"].clone(),
+            c.metadata["mfn.threshold.source"].clone(),
+        )
+    };
+    let (t, pairs, how) = stored(&native);
+    assert_eq!(t, at["threshold"].as_f64().unwrap(), "{}", stderr(&out));
+    assert_eq!(pairs, "600");
+    assert!(how.contains("FAR <= 0.01"), "{how}");
+
+    // 20 pairs do not silently replace a threshold measured on 600.
+    let small_run = |force: bool| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            model,
+            "--bin",
+            small.to_str().unwrap(),
+            "--folds",
+            "2",
+            "--save-threshold",
+        ];
+        if force {
+            args.push("--force");
+        }
+        mfn(&args)
+    };
+    let out = small_run(false);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("600 pairs"), "{}", stderr(&out));
+    assert_eq!(stored(&native).0, t, "the stored threshold must stay");
+    ok(small_run(true));
+    let (t2, pairs2, how2) = stored(&native);
+    assert_eq!(pairs2, "20");
+    assert!(how2.contains("exact-protocol"), "{how2}");
+    assert_ne!(t2, t);
+
+    // verify says which threshold it used and where it came from.
+    let a = raw("Colin_Powell/Colin_Powell_0001.jpg");
+    let b = raw("Colin_Powell/Colin_Powell_0002.jpg");
+    let out = mfn(&["verify", "--model", model, &a, &b]);
+    assert!(
+        stderr(&out).contains(&format!("threshold {t2:.4} from")),
+        "{}",
+        stderr(&out)
+    );
+    for bad in ["far=0", "far=2", "median", "far=nan"] {
+        let out = mfn(&[
+            "eval",
+            "--bin",
+            small.to_str().unwrap(),
+            "--save-threshold",
+            bad,
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+    }
 }
 
 fn raw(rel: &str) -> String {
