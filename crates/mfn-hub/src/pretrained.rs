@@ -97,6 +97,9 @@ pub fn load(registry: &Registry, resolver: &Resolver, name: &str) -> Result<Pret
             THRESHOLD_SOURCE_KEY.into(),
             format!("registry entry `{}`: {}", entry.name, t.derivation),
         );
+        if let Some(p) = t.pairs {
+            meta.insert(THRESHOLD_PAIRS_KEY.into(), p.to_string());
+        }
     }
     let dir = native.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(crate::error::io(dir))?;

@@ -111,6 +111,9 @@ pub struct Threshold {
     pub cosine: f64,
     /// How it was measured, with the command that reproduces it.
     pub derivation: String,
+    /// How many pairs it was measured on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pairs: Option<u64>,
 }
 
 /// What a model entry needs beyond its file.

@@ -52,7 +52,7 @@ pub struct Args {
     /// registry name [default: w600k_mbf].
     #[arg(long)]
     model: Option<PathBuf>,
-    /// LFW `pairs.txt` [default: $MFN_ASSETS/lfw/pairs.txt].
+    /// LFW `pairs.txt` [default: $MFN_ASSETS/lfw/pairs.txt, else the registry's `lfw_pairs`].
     #[arg(long)]
     pairs: Option<PathBuf>,
     /// Folder of aligned faces, `<Name>/<Name>_<NNNN>.<ext>`
@@ -131,7 +131,12 @@ fn data_sets(args: &Args) -> Result<Vec<Named>> {
             args.sets.clone()
         }
     } else if explicit_pairs || assets_lfw.is_some() {
-        let path = asset_or(args.pairs.clone(), "lfw/pairs.txt", "--pairs")?;
+        // LFW's pairs.txt is public: without --pairs or an assets copy, the pinned one.
+        let path = match (&args.pairs, &assets_lfw) {
+            (Some(p), _) => p.clone(),
+            (None, Some(root)) => root.join("lfw/pairs.txt"),
+            (None, None) => pinned_file(&hub()?, "lfw_pairs")?,
+        };
         let root = asset_or(args.images.clone(), "lfw/aligned-112x112", "--images")?;
         let set = VerificationSet::pairs(&path, &root, &args.ext)
             .with_context(|| format!("reading {} and its images", path.display()))?;

@@ -24,6 +24,11 @@ pub fn asset_or(explicit: Option<PathBuf>, rel: &str, flag: &str) -> Result<Path
     }
     match mfn_data::assets::root() {
         Some(root) if root.join(rel).exists() => Ok(root.join(rel)),
+        Some(root) if !root.is_dir() => bail!(
+            "no {flag} given, and {ASSETS_ENV}={} is not a folder: pass {flag} PATH, or set \
+             {ASSETS_ENV} to an assets folder that holds {rel}",
+            root.display()
+        ),
         Some(root) => bail!(
             "no {flag} given, and the assets folder {ASSETS_ENV}={} holds no {rel}: pass {flag} \
              PATH, or set {ASSETS_ENV} to an assets folder that holds {rel}",
