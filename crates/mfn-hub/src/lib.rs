@@ -52,6 +52,57 @@ impl Hub {
             .resolve(self.registry.get_kind(name, Kind::Set)?)
     }
 
+    /// A file by its path in the assets layout (`models/w600k-mbf/w600k_mbf.onnx`): through
+    /// the registry entry that pins that path, when there is one (assets folder, cache or
+    /// download, checked), else from the assets folder. A file that neither can give is an
+    /// error that names it.
+    pub fn asset(&self, rel: &str) -> Result<std::path::PathBuf> {
+        if let Some(e) = self.registry.by_assets(rel) {
+            return Ok(self.resolver.resolve(e)?.path);
+        }
+        self.unpinned(rel)
+    }
+
+    /// A folder by its path in the assets layout (`models/mtcnn`): the one folder that the
+    /// registry entries under it resolve to, when there are any, else the assets folder's.
+    pub fn asset_dir(&self, rel: &str) -> Result<std::path::PathBuf> {
+        let mut dirs = Vec::new();
+        for e in self.registry.under_assets(rel) {
+            let p = self.resolver.resolve(e)?.path;
+            let dir = p
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default();
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+        match dirs.len() {
+            0 => self.unpinned(rel),
+            1 => Ok(dirs.remove(0)),
+            _ => Err(Error::Setting(format!(
+                "the files under `{rel}` came from {} different folders: {dirs:?}",
+                dirs.len()
+            ))),
+        }
+    }
+
+    fn unpinned(&self, rel: &str) -> Result<std::path::PathBuf> {
+        match &self.resolver.assets {
+            Some(root) if root.join(rel).exists() => Ok(root.join(rel)),
+            Some(root) => Err(Error::Setting(format!(
+                "{} does not exist, and `{rel}` has no public source in the registry",
+                root.join(rel).display()
+            ))),
+            None => Err(Error::Setting(format!(
+                "`{rel}` has no public source in the registry and there is no assets folder ({}): \
+                 set {} to a folder that holds it",
+                self.resolver.assets_note.as_deref().unwrap_or("none given"),
+                resolve::ASSETS_ENV
+            ))),
+        }
+    }
+
     /// The model called `name`, converted to the native format on first use.
     pub fn model(&self, name: &str) -> Result<Pretrained> {
         pretrained::load(&self.registry, &self.resolver, name)

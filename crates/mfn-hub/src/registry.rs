@@ -334,6 +334,21 @@ impl Registry {
         self.entries.values().filter(move |e| e.kind == kind)
     }
 
+    /// The entry that an assets folder holds at `rel` (`models/mtcnn/pnet.pt`).
+    pub fn by_assets(&self, rel: &str) -> Option<&Entry> {
+        self.entries
+            .values()
+            .find(|e| e.assets.as_deref() == Some(rel))
+    }
+
+    /// The entries an assets folder holds under the folder `rel` (`models/mtcnn`).
+    pub fn under_assets<'a>(&'a self, rel: &'a str) -> impl Iterator<Item = &'a Entry> + 'a {
+        let prefix = format!("{}/", rel.trim_end_matches('/'));
+        self.entries
+            .values()
+            .filter(move |e| e.assets.as_deref().is_some_and(|a| a.starts_with(&prefix)))
+    }
+
     /// The entry whose pinned file has this sha256 (a model file found on disk, say), or
     /// the model entry that lists it among its equivalents.
     pub fn by_sha256(&self, sha256: &str) -> Option<&Entry> {

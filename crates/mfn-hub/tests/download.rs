@@ -325,3 +325,46 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[test]
+fn assets_layout_paths_go_through_the_registry_where_it_pins_them() {
+    let server = Server::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let with_assets = mfn_hub::Hub {
+        registry: Registry::builtin().unwrap(),
+        resolver: Resolver {
+            assets: Some(assets()),
+            ..resolver(&server, dir.path())
+        },
+    };
+    assert_eq!(
+        with_assets.asset("models/mtcnn/pnet.pt").unwrap(),
+        assets().join("models/mtcnn/pnet.pt")
+    );
+    assert_eq!(
+        with_assets.asset_dir("models/mtcnn").unwrap(),
+        assets().join("models/mtcnn")
+    );
+    // Not in the registry: straight from the assets folder.
+    assert_eq!(
+        with_assets.asset("lfw/lfw-fold1.bin").unwrap(),
+        assets().join("lfw/lfw-fold1.bin")
+    );
+    assert_eq!(server.served(), 0);
+
+    // No assets folder, no network: a pinned file names its URL, an unpinned one says it
+    // has no public source.
+    let bare = mfn_hub::Hub {
+        registry: Registry::builtin().unwrap(),
+        resolver: Resolver {
+            offline: Some("HF_HUB_OFFLINE is set".into()),
+            assets_note: Some("MFN_ASSETS is not set".into()),
+            ..resolver(&server, dir.path())
+        },
+    };
+    let err = bare.asset("models/mtcnn/pnet.pt").unwrap_err().to_string();
+    assert!(err.contains("facenet_pytorch-2.6.0"), "{err}");
+    let err = bare.asset("lfw/lfw-fold1.bin").unwrap_err().to_string();
+    assert!(err.contains("no public source"), "{err}");
+    assert!(err.contains("MFN_ASSETS"), "{err}");
+}
