@@ -7,6 +7,11 @@
 //! either direction: a gain nobody recorded is as suspicious as a loss, and recording it
 //! keeps the file true.
 //!
+//! A model is a path under the assets folder or a registry name (`mfn-hub`), which the
+//! hub resolves (assets folder, cache, download) and converts once; a data set is a pair
+//! protocol with its images, an insightface `.bin` under the assets folder, or a registry
+//! verification set.
+//!
 //! An entry may also name a `reference`, a number inside a JSON file of the assets folder
 //! (such as ONNX Runtime's figures in `golden/lfw-y1-reference.json`): the committed
 //! expectation must then agree with it, so the file cannot drift from the reference.
@@ -16,6 +21,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use mfn_eval::{PairScores, Protocol};
+use mfn_hub::pretrained::THRESHOLD_KEY;
+use mfn_hub::Hub;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -42,13 +49,10 @@ pub struct Args {
     /// `*-symbol.json` or an `.onnx` model), against the entries' expectations.
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
-    /// The assets folder that entries' paths are relative to [default: $MFN_ASSETS].
+    /// The assets folder that entries' paths are relative to, and where registry models
+    /// and sets are looked for first [default: $MFN_ASSETS].
     #[arg(long, value_name = "DIR")]
     assets: Option<PathBuf>,
-    /// Where `cargo xtask fetch` put its converted models, for entries that name one
-    /// [default: as `cargo xtask fetch --out`].
-    #[arg(long, value_name = "DIR")]
-    models_dir: Option<PathBuf>,
     /// Only the entries without the flip test.
     #[arg(long, conflicts_with = "flip_only")]
     no_flip: bool,
@@ -103,18 +107,23 @@ struct Entry {
     _note: Option<String>,
 }
 
-/// A model: a path relative to the assets folder, or a model `cargo xtask fetch` converted.
+/// A model: a path relative to the assets folder, or a registry model (`{"registry":
+/// NAME}`), converted by the hub on first use.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, deny_unknown_fields)]
 enum ModelRef {
     Asset(PathBuf),
-    Fetched { fetched: String },
+    Registry { registry: String },
 }
 
-/// A data set, its paths relative to the assets folder.
+/// A data set: paths relative to the assets folder, or a registry verification set
+/// (`{"set": NAME}`, insightface's `.bin` format in 10 folds).
 #[derive(Debug, Deserialize)]
 #[serde(untagged, deny_unknown_fields)]
 enum DataRef {
+    Set {
+        set: String,
+    },
     Bin {
         bin: PathBuf,
         #[serde(default = "ten")]
@@ -182,14 +191,13 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
 
-    let assets = crate::assets(args.assets.as_deref())?;
-    let models_dir = match &args.models_dir {
-        Some(d) => d.clone(),
-        None => crate::fetch::default_out_dir()?,
+    let mut sources = Sources {
+        assets: crate::assets(args.assets.as_deref()).map_err(|e| format!("{e:#}")),
+        hub: None,
     };
     let jobs = selected
         .iter()
-        .map(|e| resolve(e, &args, &assets, &models_dir, &file))
+        .map(|e| resolve(e, &args, &mut sources, &file))
         .collect::<Result<Vec<_>>>()?;
 
     let mut scores: HashMap<(PathBuf, DataSet, bool), PairScores> = HashMap::new();
@@ -207,7 +215,7 @@ pub fn run(args: Args) -> Result<()> {
             let (ckpt, model) = eval::load_model(&job.model)?;
             let stored = ckpt
                 .metadata
-                .get(crate::fetch::THRESHOLD_KEY)
+                .get(THRESHOLD_KEY)
                 .and_then(|t| t.parse::<f64>().ok());
             thresholds.insert(job.model.clone(), stored);
             let s = eval::score(&model, &job.data, e.flip).with_context(|| {
@@ -234,7 +242,7 @@ pub fn run(args: Args) -> Result<()> {
                              or a model with `{}` metadata, and {} has none",
                             e.name,
                             file.display(),
-                            crate::fetch::THRESHOLD_KEY,
+                            THRESHOLD_KEY,
                             job.model.display()
                         )
                     })?;
@@ -371,65 +379,49 @@ fn matches(name: &str, pattern: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
-fn resolve<'a>(
-    e: &'a Entry,
-    args: &Args,
-    assets: &Path,
-    models_dir: &Path,
-    file: &Path,
-) -> Result<Job<'a>> {
-    let in_entry = |what: &str| format!("entry `{}` in {}: {what}", e.name, file.display());
-    let model = match (&args.model, &e.model) {
-        (Some(p), _) => p.clone(),
-        (None, ModelRef::Asset(p)) => assets.join(p),
-        (None, ModelRef::Fetched { fetched }) => {
-            let p = crate::fetch::converted_path(models_dir, fetched);
-            if !p.exists() {
-                bail!(
-                    "{}",
-                    in_entry(&format!(
-                        "the model `{fetched}` is not at {}: run `cargo xtask fetch` first, or \
-                         pass --models-dir",
-                        p.display()
-                    ))
-                );
+/// Where entries' files come from: the assets folder (or why there is none) and, made on
+/// first need, the registry's hub, which looks in the same assets folder first.
+struct Sources {
+    assets: std::result::Result<PathBuf, String>,
+    hub: Option<Hub>,
+}
+
+impl Sources {
+    fn assets(&self) -> Result<&Path> {
+        self.assets.as_deref().map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// Why the hub cannot look in an assets folder, for errors: empty when it can.
+    fn no_assets(&self) -> String {
+        match &self.assets {
+            Ok(_) => String::new(),
+            Err(why) => format!(" (no assets folder to take it from: {why})"),
+        }
+    }
+
+    fn hub(&mut self) -> Result<&Hub> {
+        if self.hub.is_none() {
+            let mut hub = Hub::from_env().context("reading the registry of pinned sources")?;
+            if let Ok(a) = &self.assets {
+                hub.resolver.assets = Some(a.clone());
+                hub.resolver.assets_note = None;
             }
-            p
+            self.hub = Some(hub);
         }
-    };
-    if !model.exists() {
-        bail!(
-            "{}",
-            in_entry(&format!("the model {} does not exist", model.display()))
-        );
+        Ok(self.hub.as_ref().expect("set above"))
     }
-    let data = match &e.data {
-        DataRef::Bin { bin, folds } => DataSet::Bin {
-            path: assets.join(bin),
-            folds: *folds,
-        },
-        DataRef::Pairs { pairs, images, ext } => DataSet::Pairs {
-            pairs: assets.join(pairs),
-            images: assets.join(images),
-            ext: ext.clone(),
-        },
-    };
-    let needed: Vec<&Path> = match &data {
-        DataSet::Bin { path, .. } => vec![path],
-        DataSet::Pairs { pairs, images, .. } => vec![pairs, images],
-    };
-    for p in needed {
-        if !p.exists() {
-            bail!(
-                "{}",
-                in_entry(&format!("the data {} does not exist", p.display()))
-            );
-        }
-    }
+}
+
+fn resolve<'a>(e: &'a Entry, args: &Args, sources: &mut Sources, file: &Path) -> Result<Job<'a>> {
+    let in_entry = |what: &str| format!("entry `{}` in {}: {what}", e.name, file.display());
+    // The reference first: a stale expectation is refused before any model is fetched.
     let expected = match &e.reference {
         None => e.expected,
         Some(r) => {
-            let path = assets.join(&r.file);
+            let path = sources
+                .assets()
+                .with_context(|| in_entry("its reference"))?
+                .join(&r.file);
             let doc: Value = crate::read_json(&path).with_context(|| in_entry("its reference"))?;
             let want = doc
                 .pointer(&r.pointer)
@@ -455,6 +447,67 @@ fn resolve<'a>(
             want
         }
     };
+    let model = match (&args.model, &e.model) {
+        (Some(p), _) => p.clone(),
+        (None, ModelRef::Asset(p)) => sources
+            .assets()
+            .with_context(|| in_entry("its model"))?
+            .join(p),
+        (None, ModelRef::Registry { registry }) => {
+            let whence = format!("the registry model `{registry}`{}", sources.no_assets());
+            sources
+                .hub()?
+                .model(registry)
+                .with_context(|| in_entry(&whence))?
+                .native
+        }
+    };
+    if !model.exists() {
+        bail!(
+            "{}",
+            in_entry(&format!("the model {} does not exist", model.display()))
+        );
+    }
+    let data = match &e.data {
+        DataRef::Set { set } => DataSet::Bin {
+            path: {
+                let whence = format!("the registry set `{set}`{}", sources.no_assets());
+                sources
+                    .hub()?
+                    .set(set)
+                    .with_context(|| in_entry(&whence))?
+                    .path
+            },
+            folds: 10,
+        },
+        DataRef::Bin { bin, folds } => DataSet::Bin {
+            path: sources
+                .assets()
+                .with_context(|| in_entry("its data"))?
+                .join(bin),
+            folds: *folds,
+        },
+        DataRef::Pairs { pairs, images, ext } => {
+            let assets = sources.assets().with_context(|| in_entry("its data"))?;
+            DataSet::Pairs {
+                pairs: assets.join(pairs),
+                images: assets.join(images),
+                ext: ext.clone(),
+            }
+        }
+    };
+    let needed: Vec<&Path> = match &data {
+        DataSet::Bin { path, .. } => vec![path],
+        DataSet::Pairs { pairs, images, .. } => vec![pairs, images],
+    };
+    for p in needed {
+        if !p.exists() {
+            bail!(
+                "{}",
+                in_entry(&format!("the data {} does not exist", p.display()))
+            );
+        }
+    }
     Ok(Job {
         entry: e,
         model,

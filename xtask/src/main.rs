@@ -1,8 +1,9 @@
 //! `cargo xtask`: the project's gates and chores that are too slow, too machine-bound or
 //! too network-bound for the test suite.
 //!
-//! - `fetch` downloads pinned pretrained models through the Hugging Face Hub cache, checks
-//!   their sha256 and converts them to the native safetensors format (`fetch.rs`).
+//! - `fetch` makes the registry's pinned sources (`mfn-hub`) ready on disk: found in the
+//!   assets folder or the cache or downloaded, sha256-checked, and models converted to the
+//!   native safetensors format (`fetch.rs`).
 //! - `accuracy` evaluates every model of the committed expectation file
 //!   (`xtask/accuracy.json`) and fails when an accuracy leaves its tolerance
 //!   (`accuracy.rs`).
@@ -35,8 +36,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Download the pinned models (or any `--repo/--file`) and convert them to the native
-    /// format.
+    /// Find or download the registry's pinned files, check them, and convert models to the
+    /// native format.
     Fetch(fetch::Args),
     /// Evaluate the models of the expectation file; exit 1 when an accuracy regressed.
     Accuracy(accuracy::Args),

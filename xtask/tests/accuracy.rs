@@ -1,8 +1,11 @@
 //! `cargo xtask accuracy` on quick entries of the committed expectation file: y1 passes
 //! the fold-1 entries, and a y1 whose stem BatchNorm scale is zeroed fails, with the entry
-//! named.
+//! named. Entries may name a registry model and a registry set, which the hub resolves
+//! (here from the assets folder, through a test registry) and converts.
 
 mod common;
+
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use common::{asset, fails, ok, write, xtask};
@@ -78,4 +81,111 @@ fn bad_expectation_files_are_named() {
 
     let stderr = fails(xtask().args(["accuracy", "--only", "no-such-entry"]));
     assert!(stderr.contains("--only no-such-entry"), "{stderr}");
+}
+
+/// A registry entry for a file of the assets folder, with a made-up Hub source.
+fn pinned(name: &str, kind: &str, rel: &str, extra: &str) -> String {
+    let path = asset(rel);
+    format!(
+        r#"{{"name": "{name}", "kind": "{kind}", "sha256": "{}", "size": {},
+            "assets": "{rel}",
+            "source": {{"hub": {{"repo": "mfn-test/files", "revision": "main", "path": "{name}"}}}}
+            {extra}}}"#,
+        mfn_hub::sha256_file(&path).unwrap(),
+        std::fs::metadata(&path).unwrap().len()
+    )
+}
+
+/// A test registry: y1's ONNX export as a model with the threshold LFW folds 2-10 fit, and
+/// the 20-pair set.
+fn test_registry(dir: &Path) -> std::path::PathBuf {
+    let model = pinned(
+        "y1-onnx-test",
+        "model",
+        "models/mobilefacenet-y1/mobilefacenet-y1.onnx",
+        r#", "model": {"preset": "y1", "threshold": {"cosine": 0.2686613254348914,
+              "derivation": "the exact protocol on LFW folds 2-10, flip"}}"#,
+    );
+    let set = pinned("pairs20-test", "set", "lfw/lfw-20pairs-protocol2.bin", "");
+    write(
+        dir,
+        "registry.json",
+        &format!(r#"{{"format": "mfn-registry/1", "entries": [{model}, {set}]}}"#),
+    )
+}
+
+#[test]
+fn registry_models_and_sets_resolve_through_the_hub() {
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = test_registry(tmp.path());
+    let home = tmp.path().join("home");
+    let file = write(
+        tmp.path(),
+        "accuracy.json",
+        r#"{"entries": [
+            {"name": "y1-onnx/pairs20/flip/exact", "model": {"registry": "y1-onnx-test"},
+             "data": {"set": "pairs20-test"}, "flip": true, "protocol": "exact",
+             "expected": 1.0, "tolerance": 0.0005},
+            {"name": "y1-onnx/pairs20/flip/threshold", "model": {"registry": "y1-onnx-test"},
+             "data": {"set": "pairs20-test"}, "flip": true, "protocol": "threshold",
+             "expected": 1.0, "tolerance": 0.0005}]}"#,
+    );
+    let run = |cmd: &mut std::process::Command| {
+        cmd.args(["accuracy", "--file"])
+            .arg(&file)
+            .env("MFN_REGISTRY", &registry)
+            .env("MFN_HOME", &home)
+            .env("HF_HUB_OFFLINE", "1");
+    };
+    let out = tmp.path().join("out");
+    let mut cmd = xtask();
+    run(&mut cmd);
+    let stdout = ok(cmd.arg("--out").arg(&out));
+    for line in [
+        "y1-onnx/pairs20/flip/exact ",
+        "y1-onnx/pairs20/flip/threshold ",
+    ] {
+        let l = stdout
+            .lines()
+            .find(|l| l.starts_with(line))
+            .unwrap_or_else(|| panic!("no `{line}` line in:\n{stdout}"));
+        assert!(l.ends_with("ok"), "{l}");
+    }
+    // The threshold protocol used the registry's threshold, as the entry gives none.
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("accuracy.json")).unwrap()).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["protocol"] == "threshold")
+        .unwrap();
+    assert_eq!(row["threshold_cosine"], 0.2686613254348914, "{row}");
+    // Converted once into MFN_HOME, with that threshold in its metadata.
+    let converted: Vec<_> = std::fs::read_dir(home.join("models"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(converted.len(), 1, "{converted:?}");
+    let ckpt = Checkpoint::load(&converted[0], None, &Device::Cpu).unwrap();
+    assert_eq!(ckpt.metadata["mfn.threshold"], "0.2686613254348914");
+
+    // Without the assets folder's copy and offline, the registry model cannot be found: the
+    // entry, the name, the URL and the cache path are named.
+    let empty = tmp.path().join("empty-assets");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut cmd = xtask();
+    run(&mut cmd);
+    let stderr = fails(
+        cmd.env("MFN_ASSETS", &empty)
+            .env("MFN_HOME", tmp.path().join("h2")),
+    );
+    for want in [
+        "entry `y1-onnx/pairs20/flip/exact`",
+        "the registry model `y1-onnx-test`",
+        "/mfn-test/files/resolve/main/y1-onnx-test",
+        "downloads are off",
+    ] {
+        assert!(stderr.contains(want), "missing `{want}` in:\n{stderr}");
+    }
 }

@@ -16,6 +16,23 @@ pub const THRESHOLD_KEY: &str = "mfn.threshold";
 pub const THRESHOLD_SOURCE_KEY: &str = "mfn.threshold.source";
 /// Metadata key of the number of pairs the threshold was measured on.
 pub const THRESHOLD_PAIRS_KEY: &str = "mfn.threshold.pairs";
+/// Writes `entry`'s threshold, its derivation and pair count into the metadata.
+fn registry_threshold(ckpt: &mut Checkpoint, entry: &Entry) {
+    let Some(t) = entry.threshold() else {
+        return;
+    };
+    let meta = &mut ckpt.metadata;
+    meta.insert(THRESHOLD_KEY.into(), format!("{}", t.cosine));
+    meta.insert(
+        THRESHOLD_SOURCE_KEY.into(),
+        format!("registry entry `{}`: {}", entry.name, t.derivation),
+    );
+    match t.pairs {
+        Some(p) => meta.insert(THRESHOLD_PAIRS_KEY.into(), p.to_string()),
+        None => meta.remove(THRESHOLD_PAIRS_KEY),
+    };
+}
+
 /// Metadata key of the sha256 of the file a native model was converted from.
 pub const SOURCE_SHA256_KEY: &str = "mfn.source.sha256";
 
@@ -67,8 +84,17 @@ pub fn load(registry: &Registry, resolver: &Resolver, name: &str) -> Result<Pret
         }
     };
     if native.is_file() {
-        let ckpt = Checkpoint::load(&native, None, &Device::Cpu).map_err(model_err(&native))?;
+        let mut ckpt = Checkpoint::load(&native, None, &Device::Cpu).map_err(model_err(&native))?;
         if ckpt.metadata.get(SOURCE_SHA256_KEY) == Some(&entry.sha256) {
+            // A threshold the registry gave follows the registry, which may have been
+            // measured again since; one the user stored stays.
+            let from_registry = ckpt
+                .metadata
+                .get(THRESHOLD_SOURCE_KEY)
+                .is_some_and(|s| s.starts_with(&format!("registry entry `{}`", entry.name)));
+            if from_registry {
+                registry_threshold(&mut ckpt, entry);
+            }
             return Ok(Pretrained {
                 checkpoint: ckpt,
                 native,
@@ -91,16 +117,7 @@ pub fn load(registry: &Registry, resolver: &Resolver, name: &str) -> Result<Pret
     meta.insert("mfn.name".into(), entry.name.clone());
     meta.insert("mfn.source.url".into(), resolver.url(entry));
     meta.insert(SOURCE_SHA256_KEY.into(), entry.sha256.clone());
-    if let Some(t) = entry.threshold() {
-        meta.insert(THRESHOLD_KEY.into(), format!("{}", t.cosine));
-        meta.insert(
-            THRESHOLD_SOURCE_KEY.into(),
-            format!("registry entry `{}`: {}", entry.name, t.derivation),
-        );
-        if let Some(p) = t.pairs {
-            meta.insert(THRESHOLD_PAIRS_KEY.into(), p.to_string());
-        }
-    }
+    registry_threshold(&mut ckpt, entry);
     let dir = native.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(crate::error::io(dir))?;
     // Several processes may convert the same model at once: each writes its own file and

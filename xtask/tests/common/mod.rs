@@ -42,6 +42,8 @@ pub fn xtask() -> Command {
         "HF_HUB_CACHE",
         "HF_TOKEN",
         "MFN_HOME",
+        "MFN_MIRROR",
+        "MFN_REGISTRY",
     ] {
         c.env_remove(key);
     }

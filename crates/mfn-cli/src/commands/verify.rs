@@ -45,19 +45,28 @@ pub fn run(args: Args) -> Result<bool> {
         }
     }
     let (ckpt, model) = load_model(args.model.clone(), None)?;
-    let (threshold, from) = match args.threshold {
-        Some(t) => (t, "--threshold".to_string()),
+    let (threshold, from, derivation) = match args.threshold {
+        Some(t) => (t, "--threshold".to_string(), "given on the command line".to_string()),
         None => match mfn_hub::find_threshold(&hub()?.registry, &ckpt)? {
             Some(t) => {
-                let whence = match &t.origin {
-                    mfn_hub::ThresholdOrigin::Metadata => {
-                        format!("{}'s metadata: {}", ckpt.source.display(), t.derivation)
+                // A registry model's converted copy carries the entry's threshold.
+                let registry_entry = t
+                    .derivation
+                    .strip_prefix("registry entry `")
+                    .and_then(|r| r.split_once('`'))
+                    .map(|(name, _)| name.to_string());
+                let from = match (&t.origin, registry_entry) {
+                    (mfn_hub::ThresholdOrigin::Registry { entry }, _) => {
+                        format!("registry entry `{entry}`")
                     }
-                    mfn_hub::ThresholdOrigin::Registry { entry } => {
-                        format!("registry entry `{entry}`: {}", t.derivation)
+                    (mfn_hub::ThresholdOrigin::Metadata, Some(entry)) => {
+                        format!("registry entry `{entry}`")
+                    }
+                    (mfn_hub::ThresholdOrigin::Metadata, None) => {
+                        format!("the metadata of {}", ckpt.source.display())
                     }
                 };
-                (t.cosine, whence)
+                (t.cosine, from, t.derivation)
             }
             None => bail!(
                 "{} has no verification threshold: neither its metadata nor the registry \
@@ -101,6 +110,7 @@ pub fn run(args: Args) -> Result<bool> {
             "cosine": cosine,
             "threshold": threshold,
             "threshold_source": from,
+            "threshold_derivation": derivation,
             "same": same,
         });
         std::fs::write(path, serde_json::to_string_pretty(&out)?)
