@@ -154,10 +154,13 @@ fn eval_writes_the_report_json_and_roc() {
     let pairs = pairs_file(dir.path(), "2 10", &picked);
     let json = dir.path().join("report.json");
     let roc = dir.path().join("roc.svg");
+    let images = asset("lfw/aligned-112x112");
     let out = ok(mfn(&[
         "eval",
         "--pairs",
         pairs.to_str().unwrap(),
+        "--images",
+        images.to_str().unwrap(),
         "--json",
         json.to_str().unwrap(),
         "--roc",
@@ -196,7 +199,17 @@ fn eval_lists_every_missing_image() {
         "Aaron_Peirsol\t1\tNot_A_Person\t7".to_string(),
     ];
     let pairs = pairs_file(dir.path(), "1 1", &lines);
-    let out = mfn(&["eval", "--pairs", pairs.to_str().unwrap()]);
+    // Only whether each file exists matters here.
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(images.join("Aaron_Peirsol")).unwrap();
+    std::fs::write(images.join("Aaron_Peirsol/Aaron_Peirsol_0001.jpg"), b"").unwrap();
+    let out = mfn(&[
+        "eval",
+        "--pairs",
+        pairs.to_str().unwrap(),
+        "--images",
+        images.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
     assert!(err.contains("3 image(s) missing"), "{err}");
@@ -213,14 +226,27 @@ fn eval_lists_every_missing_image() {
 fn malformed_and_empty_pairs_files_fail_with_the_line() {
     let dir = tempfile::tempdir().unwrap();
     let pairs = pairs_file(dir.path(), "1 1", &["A\t1\t2".into(), "A\t1\tB".into()]);
-    let out = mfn(&["eval", "--pairs", pairs.to_str().unwrap()]);
+    let images = dir.path().to_str().unwrap();
+    let out = mfn(&[
+        "eval",
+        "--pairs",
+        pairs.to_str().unwrap(),
+        "--images",
+        images,
+    ]);
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
     assert!(err.contains("pairs.txt:3:"), "{err}");
 
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "").unwrap();
-    let out = mfn(&["eval", "--pairs", empty.to_str().unwrap()]);
+    let out = mfn(&[
+        "eval",
+        "--pairs",
+        empty.to_str().unwrap(),
+        "--images",
+        images,
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("empty"), "{}", stderr(&out));
 }

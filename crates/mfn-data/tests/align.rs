@@ -1,14 +1,17 @@
 //! Face alignment: the similarity fit, the templates, the warp, and real LFW photos.
 
-use std::f64::consts::PI;
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::f64::consts::PI;
+use std::path::Path;
+
+use common::asset;
 use image::{Rgb, RgbImage};
 use mfn_data::align::{
     align, align_arcface, estimate_similarity, parse_landmarks, read_landmarks_file, template,
     Landmarks, Similarity, Template, ARCFACE_112, SPHEREFACE_96X112,
 };
-use mfn_data::{assets, decode_rgb, Error};
+use mfn_data::{decode_rgb, Error};
 
 /// Deterministic xorshift generator, so that failures reproduce.
 struct Rng(u64);
@@ -467,10 +470,6 @@ fn residual_is_small_for_a_face_and_large_for_scrambled_landmarks() {
     let scrambled = [lmk[3], lmk[1], lmk[4], lmk[0], lmk[2]];
     let bad = align_arcface(&img, &scrambled).unwrap();
     assert!(bad.residual > 10.0, "{}", bad.residual);
-}
-
-fn asset(rel: &str) -> PathBuf {
-    assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `skimage.transform.SimilarityTransform.estimate(lmk, arcface_dst).params[:2]` for the

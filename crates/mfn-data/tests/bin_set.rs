@@ -1,14 +1,13 @@
 //! insightface `.bin` verification sets: the real files in the assets folder, against the
 //! JPEG files they were packed from.
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::Device;
-use mfn_data::{assets, BinSet, Error, Pairs};
-
-fn asset(rel: &str) -> PathBuf {
-    assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
-}
+use common::asset;
+use mfn_data::{BinSet, Error, Pairs};
 
 /// The first LFW fold of `pairs.txt`: 300 same-person pairs, then 300 different.
 fn first_fold() -> Pairs {

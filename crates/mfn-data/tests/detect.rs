@@ -1,17 +1,14 @@
 //! The face detectors on real photos and on inputs that should not break them.
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::Device;
+use common::asset;
 use image::{GrayImage, RgbImage};
 use mfn_data::align::read_landmarks_file;
 use mfn_data::detect::{central, Detector, DetectorOptions};
 use mfn_data::face::{FaceAligner, Pick};
-use mfn_data::{assets, decode_rgb, Error};
-
-fn asset(rel: &str) -> PathBuf {
-    assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
-}
+use mfn_data::{decode_rgb, Error};
 
 fn detectors() -> Vec<(&'static str, Detector)> {
     vec![

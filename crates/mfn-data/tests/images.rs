@@ -1,13 +1,12 @@
 //! Decoding real LFW files, and what broken or missing files do.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use mfn_data::{assets, load_batch, missing_files, BatchLoader, Error, Pairs};
-
-fn asset(rel: &str) -> PathBuf {
-    assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
-}
+use common::asset;
+use mfn_data::{load_batch, missing_files, BatchLoader, Error, Pairs};
 
 #[test]
 fn lfw_pairs_file_has_ten_folds_of_600() {

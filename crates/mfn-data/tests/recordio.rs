@@ -2,20 +2,19 @@
 //! byte for byte, clear errors for every kind of damage, and image datasets over real LFW
 //! faces.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use common::asset;
 use mfn_data::dataset::write_insightface;
 use mfn_data::recordio::{
     idx_path, pack, unpack, InsightfaceHeader, IrHeader, Record, RecordReader, RecordWriter, MAGIC,
 };
-use mfn_data::{assets, decode_rgb, Dataset, Error, ImageFolder, RecordDataset};
+use mfn_data::{decode_rgb, Dataset, Error, ImageFolder, RecordDataset};
 
 const M: [u8; 4] = MAGIC.to_le_bytes();
-
-fn asset(rel: &str) -> PathBuf {
-    assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// A frame as dmlc writes it, built by hand from the format description.
 fn frame(cflag: u32, part: &[u8]) -> Vec<u8> {
@@ -785,7 +784,7 @@ fn write_insightface_into_memory() {
 
 #[test]
 fn lfw_identities_filter_and_hold_out() {
-    let root = mfn_data::assets::path("lfw/aligned-112x112").unwrap_or_else(|e| panic!("{e}"));
+    let root = asset("lfw/aligned-112x112");
     let all = ImageFolder::open(&root).unwrap();
     assert_eq!(all.classes().len(), 5749);
     assert_eq!(all.samples().len(), 13_233);

@@ -1,14 +1,13 @@
 //! Importing, saving and loading checkpoints, and what happens when they are broken.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use common::asset;
 use mfn_model::import::mxnet;
 use mfn_model::{Checkpoint, Config, Error};
-
-fn asset(rel: &str) -> PathBuf {
-    mfn_data::assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn y1_symbol() -> PathBuf {
     asset("models/mobilefacenet-y1/model-symbol.json")

@@ -1,15 +1,12 @@
 //! ONNX import by graph walking: the real y1 export (BatchNorm not folded) and a torch
 //! export of insightface's `mbf` (BatchNorm folded, opaque initializer names).
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::{Device, Tensor};
+use common::asset;
 use mfn_model::{Checkpoint, Config, Error};
 use serde_json::Value;
-
-fn asset(rel: &str) -> PathBuf {
-    mfn_data::assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn png(rel: &str) -> Tensor {
     mfn_data::load_batch(&[asset(rel)], [112, 112], &Device::Cpu).unwrap()

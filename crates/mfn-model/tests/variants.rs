@@ -2,15 +2,12 @@
 //! foamliu's ReLU6 network with its separable stem, and PyTorch checkpoints in their own
 //! layouts.
 
-use std::path::PathBuf;
+mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use common::asset;
 use mfn_model::{Activation, Checkpoint, Config, Error, MobileFaceNet, StemKind};
-
-fn asset(rel: &str) -> PathBuf {
-    mfn_data::assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn png(rel: &str) -> Tensor {
     mfn_data::load_batch(&[asset(rel)], [112, 112], &Device::Cpu).unwrap()

@@ -2,16 +2,15 @@
 //! `mbf` body with a conv-reduce head (1x1 conv to 64 + PReLU, flatten 64x7x7, FC 3136 ->
 //! 512, BatchNorm), against ONNX Runtime's raw outputs, on every forward path.
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use common::asset;
 use mfn_model::{Checkpoint, Config, Error, MobileFaceNet, Pooling};
 use serde_json::Value;
-
-fn asset(rel: &str) -> PathBuf {
-    mfn_data::assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn model_path() -> PathBuf {
     asset("models/w600k-mbf/w600k_mbf.onnx")

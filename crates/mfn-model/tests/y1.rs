@@ -1,14 +1,13 @@
 //! The real y1 weights through the MXNet importer, against ONNX Runtime's outputs.
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
+use common::asset;
 use mfn_model::Checkpoint;
 use serde_json::Value;
-
-fn asset(rel: &str) -> PathBuf {
-    mfn_data::assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
-}
 
 fn load_png(path: &PathBuf) -> Tensor {
     mfn_data::load_batch(std::slice::from_ref(path), [112, 112], &Device::Cpu).unwrap()

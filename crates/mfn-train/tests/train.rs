@@ -1,10 +1,13 @@
 //! Training on a few real LFW identities: the loss falls, runs are reproducible, an
 //! interrupted run resumes bit for bit, and damaged checkpoints are clear errors.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::Device;
+use common::asset;
 use mfn_data::{Dataset, ImageFolder};
 use mfn_loss::CombinedMargin;
 use mfn_model::Config;
@@ -19,10 +22,6 @@ const PEOPLE: [&str; 4] = [
     "George_W_Bush",
     "Tony_Blair",
 ];
-
-fn asset(rel: &str) -> PathBuf {
-    mfn_data::assets::path(rel).unwrap_or_else(|e| panic!("{e}"))
-}
 
 /// `per_person` aligned LFW images of each of [`PEOPLE`], one folder each.
 fn tiny_set(dir: &Path, per_person: usize) -> ImageFolder {

@@ -46,7 +46,11 @@ pub fn run(args: Args) -> Result<bool> {
     }
     let (ckpt, model) = load_model(args.model.clone(), None)?;
     let (threshold, from, derivation) = match args.threshold {
-        Some(t) => (t, "--threshold".to_string(), "given on the command line".to_string()),
+        Some(t) => (
+            t,
+            "--threshold".to_string(),
+            "given on the command line".to_string(),
+        ),
         None => match mfn_hub::find_threshold(&hub()?.registry, &ckpt)? {
             Some(t) => {
                 // A registry model's converted copy carries the entry's threshold.
