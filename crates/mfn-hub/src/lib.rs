@@ -66,23 +66,35 @@ impl Hub {
     /// A folder by its path in the assets layout (`models/mtcnn`): the one folder that the
     /// registry entries under it resolve to, when there are any, else the assets folder's.
     pub fn asset_dir(&self, rel: &str) -> Result<std::path::PathBuf> {
-        let mut dirs = Vec::new();
+        let rel = rel.trim_end_matches('/');
+        let mut roots = Vec::new();
         for e in self.registry.under_assets(rel) {
             let p = self.resolver.resolve(e)?.path;
-            let dir = p
-                .parent()
-                .map(std::path::Path::to_path_buf)
-                .unwrap_or_default();
-            if !dirs.contains(&dir) {
-                dirs.push(dir);
+            // The folder that plays `rel`: the file's path without its part below `rel`.
+            let below = e.assets.as_deref().unwrap_or_default()[rel.len() + 1..]
+                .split('/')
+                .count();
+            let mut root = p.clone();
+            for _ in 0..below {
+                root.pop();
+            }
+            if !p.ends_with(&e.assets.as_deref().unwrap_or_default()[rel.len() + 1..]) {
+                return Err(Error::Setting(format!(
+                    "`{}` resolved to {}, which does not keep its place under `{rel}`",
+                    e.name,
+                    p.display()
+                )));
+            }
+            if !roots.contains(&root) {
+                roots.push(root);
             }
         }
-        match dirs.len() {
+        match roots.len() {
             0 => self.unpinned(rel),
-            1 => Ok(dirs.remove(0)),
+            1 => Ok(roots.remove(0)),
             _ => Err(Error::Setting(format!(
-                "the files under `{rel}` came from {} different folders: {dirs:?}",
-                dirs.len()
+                "the files under `{rel}` came from {} different folders: {roots:?}",
+                roots.len()
             ))),
         }
     }

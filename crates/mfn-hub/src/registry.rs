@@ -12,8 +12,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-/// The built-in registry's text.
+/// The built-in registry's text: models, detectors, sets and protocol files.
 pub const BUILTIN: &str = include_str!("../registry.json");
+
+/// The built-in sample photos: 100 unaligned LFW photos of 10 people.
+pub const SAMPLES: &str = include_str!("../samples.json");
 
 /// The environment variable naming an extra registry file.
 pub const REGISTRY_ENV: &str = "MFN_REGISTRY";
@@ -228,9 +231,18 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// The registry compiled into this crate.
+    /// The registry compiled into this crate (the sample photos included).
     pub fn builtin() -> Result<Self> {
-        Self::parse(BUILTIN, "built-in")
+        let mut reg = Self::parse(BUILTIN, "built-in")?;
+        let samples = Self::parse(SAMPLES, "built-in samples")?;
+        if let Some(dup) = samples.names().find(|n| reg.entries.contains_key(*n)) {
+            return Err(Error::Registry {
+                origin: "built-in samples".into(),
+                message: format!("the name `{dup}` is also in the registry"),
+            });
+        }
+        reg.extend(samples);
+        Ok(reg)
     }
 
     /// The built-in registry, with the entries of the file `MFN_REGISTRY` names added (an

@@ -368,3 +368,42 @@ fn assets_layout_paths_go_through_the_registry_where_it_pins_them() {
     assert!(err.contains("no public source"), "{err}");
     assert!(err.contains("MFN_ASSETS"), "{err}");
 }
+
+#[test]
+fn a_folder_of_pinned_files_downloads_into_one_tree() {
+    let server = Server::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::builtin().unwrap();
+    let photos: Vec<_> = registry.under_assets("lfw-raw-subset/images").collect();
+    assert_eq!(photos.len(), 100);
+    for e in &photos {
+        server
+            .serve_entry(e, &assets().join(e.assets.as_deref().unwrap()))
+            .unwrap();
+    }
+    let hub = mfn_hub::Hub {
+        registry: registry.clone(),
+        resolver: Resolver {
+            mirror: Some(server.url()),
+            ..resolver(&server, dir.path())
+        },
+    };
+    let root = hub.asset_dir("lfw-raw-subset/images").unwrap();
+    assert!(root.starts_with(dir.path()), "{}", root.display());
+    let one = root.join("Colin_Powell/Colin_Powell_0001.jpg");
+    assert_eq!(
+        sha(&one),
+        sha(&assets().join("lfw-raw-subset/images/Colin_Powell/Colin_Powell_0001.jpg"))
+    );
+    let with_assets = mfn_hub::Hub {
+        registry,
+        resolver: Resolver {
+            assets: Some(assets()),
+            ..resolver(&server, dir.path())
+        },
+    };
+    assert_eq!(
+        with_assets.asset_dir("lfw-raw-subset/images").unwrap(),
+        assets().join("lfw-raw-subset/images")
+    );
+}
