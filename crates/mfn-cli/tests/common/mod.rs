@@ -107,3 +107,46 @@ pub fn y1() -> mfn_model::MobileFaceNet {
     .build(&device)
     .unwrap()
 }
+
+/// Address space a run on hostile input may use: 2 GiB.
+pub const HOSTILE_MEMORY_KIB: u64 = 2 << 20;
+/// Time a run on hostile input may take.
+pub const HOSTILE_SECONDS: u64 = 30;
+
+/// Runs `mfn-cli` on hostile input within [`HOSTILE_MEMORY_KIB`] of address space and
+/// [`HOSTILE_SECONDS`], and checks that it ended by itself: no signal (panic=abort, stack
+/// overflow, out of memory), no hang. Returns the output for the caller's own checks.
+pub fn mfn_bounded(args: &[&str]) -> Output {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v {HOSTILE_MEMORY_KIB}; exec timeout -s KILL {HOSTILE_SECONDS} \"$0\" \"$@\""
+        ))
+        .arg(env!("CARGO_BIN_EXE_mfn-cli"))
+        .args(args)
+        .env(
+            "MFN_HOME",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("mfn-home"),
+        )
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("running mfn-cli under bash");
+    match out.status.code() {
+        None => panic!("mfn-cli {args:?} was killed by a signal: {}", stderr(&out)),
+        Some(137) => panic!("mfn-cli {args:?} ran past {HOSTILE_SECONDS} s or was killed"),
+        Some(101) => panic!("mfn-cli {args:?} panicked: {}", stderr(&out)),
+        Some(_) => out,
+    }
+}
+
+/// A clean refusal: exit status 2, and a message that names `file`.
+pub fn assert_refused(out: &Output, file: &Path) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(2), "expected exit 2: {err}");
+    let name = file.file_name().unwrap().to_string_lossy();
+    assert!(
+        err.contains(name.as_ref()),
+        "the message must name {name}: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
