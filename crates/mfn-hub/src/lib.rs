@@ -99,6 +99,30 @@ impl Hub {
         }
     }
 
+    /// A file or folder by its path in the assets layout, as a program or test that knows
+    /// that layout asks for it: `fixtures/<rel>` first when `fixtures` is given (files
+    /// committed with a project), then [`Hub::asset_dir`] for a folder the registry pins
+    /// files under, then the pinned file together with the pinned files beside it (an
+    /// MXNet symbol needs its `.params`), then [`Hub::asset`].
+    pub fn locate(
+        &self,
+        rel: &str,
+        fixtures: Option<&std::path::Path>,
+    ) -> Result<std::path::PathBuf> {
+        if let Some(f) = fixtures.map(|f| f.join(rel)).filter(|f| f.exists()) {
+            return Ok(f);
+        }
+        if self.registry.under_assets(rel).next().is_some() {
+            return self.asset_dir(rel);
+        }
+        match (self.registry.by_assets(rel), rel.rsplit_once('/')) {
+            (Some(_), Some((dir, name))) if self.registry.under_assets(dir).count() > 1 => {
+                Ok(self.asset_dir(dir)?.join(name))
+            }
+            _ => self.asset(rel),
+        }
+    }
+
     fn unpinned(&self, rel: &str) -> Result<std::path::PathBuf> {
         match &self.resolver.assets {
             Some(root) if root.join(rel).exists() => Ok(root.join(rel)),
