@@ -12,50 +12,16 @@ use common::{asset, floats, mfn, ok, read_json, stderr};
 /// Runtime's raw outputs.
 #[test]
 fn embed_matches_the_golden_embeddings() {
-    let golden = read_json(&asset("golden/mobilefacenet-y1-embeddings.json"));
-    let entries = golden["images"].as_array().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let mut inputs = Vec::new();
-    let mut expected = Vec::new();
-    for (i, e) in entries.iter().enumerate() {
-        let png = asset(e["path"].as_str().unwrap());
-        let mirrored = dir.path().join(format!("{i}-flipped.png"));
-        image::imageops::flip_horizontal(&image::open(&png).unwrap().to_rgb8())
-            .save(&mirrored)
-            .unwrap();
-        inputs.push(png);
-        expected.push(floats(&e["embedding"]));
-        inputs.push(mirrored);
-        expected.push(floats(&e["embedding_hflip"]));
-    }
-    let out = dir.path().join("emb.json");
     let model = asset("models/mobilefacenet-y1/model-symbol.json");
-    let mut args = vec![
-        "embed".to_string(),
-        "--no-normalize".into(),
-        "--model".into(),
-        model.display().to_string(),
-        "--json".into(),
-        out.display().to_string(),
-    ];
-    args.extend(inputs.iter().map(|p| p.display().to_string()));
-    ok(mfn(&args.iter().map(String::as_str).collect::<Vec<_>>()));
-
-    let got = read_json(&out);
-    let rows = got["images"].as_array().unwrap();
-    assert_eq!(rows.len(), 64);
-    let mut worst = 0f32;
-    for (row, (want, path)) in rows.iter().zip(expected.iter().zip(&inputs)) {
-        assert_eq!(row["path"].as_str().unwrap(), path.display().to_string());
-        let e = floats(&row["embedding"]);
-        assert_eq!(e.len(), 128);
-        let norm = e.iter().map(|v| v * v).sum::<f32>().sqrt();
-        assert!(norm > 1.0, "raw outputs are not unit length (norm {norm})");
-        for (a, b) in e.iter().zip(want) {
-            worst = worst.max((a - b).abs());
-        }
-    }
-    assert!(worst <= 1e-3, "max abs difference {worst}");
+    let (plain, mirrored) = common::golden_embed_diffs(
+        &model,
+        "golden/mobilefacenet-y1-embeddings.json",
+        "images",
+        "embedding_hflip",
+        128,
+    );
+    assert!(plain <= 1e-3, "plain: max abs difference {plain}");
+    assert!(mirrored <= 1e-3, "mirrored: max abs difference {mirrored}");
 }
 
 #[test]

@@ -117,3 +117,67 @@ pub fn assert_refused(out: &Output, file: &Path) {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `mfn-cli embed --no-normalize --model <model>` on the golden PNGs listed under `list` in
+/// the reference file, and on their mirror images, against the reference's raw outputs
+/// (`embedding` and `flipped_key`). Returns the largest absolute difference, plain and
+/// mirrored, after checking the paths, the size `dim` and that outputs are raw.
+pub fn golden_embed_diffs(
+    model: &Path,
+    reference: &str,
+    list: &str,
+    flipped_key: &str,
+    dim: usize,
+) -> (f32, f32) {
+    let reference = read_json(&asset(reference));
+    let entries = reference[list].as_array().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut inputs = Vec::new();
+    let mut expected = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let png = asset(e["path"].as_str().unwrap());
+        let mirrored = dir.path().join(format!("{i}-flipped.png"));
+        image::imageops::flip_horizontal(&image::open(&png).unwrap().to_rgb8())
+            .save(&mirrored)
+            .unwrap();
+        inputs.push(png);
+        expected.push(floats(&e["embedding"]));
+        inputs.push(mirrored);
+        expected.push(floats(&e[flipped_key]));
+    }
+    let out = dir.path().join("emb.json");
+    let mut args = vec![
+        "embed".to_string(),
+        "--no-normalize".into(),
+        "--model".into(),
+        model.display().to_string(),
+        "--json".into(),
+        out.display().to_string(),
+    ];
+    args.extend(inputs.iter().map(|p| p.display().to_string()));
+    ok(mfn(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+
+    let got = read_json(&out);
+    let rows = got["images"].as_array().unwrap();
+    assert_eq!(rows.len(), 2 * entries.len());
+    let (mut plain, mut mirrored) = (0f32, 0f32);
+    for (i, (row, (want, path))) in rows.iter().zip(expected.iter().zip(&inputs)).enumerate() {
+        assert_eq!(row["path"].as_str().unwrap(), path.display().to_string());
+        let e = floats(&row["embedding"]);
+        assert_eq!(e.len(), dim);
+        let norm = e.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!(norm > 1.0, "raw outputs are not unit length (norm {norm})");
+        let diff = e
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let worst = if i % 2 == 0 {
+            &mut plain
+        } else {
+            &mut mirrored
+        };
+        *worst = worst.max(diff);
+    }
+    (plain, mirrored)
+}
