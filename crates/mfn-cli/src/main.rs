@@ -7,14 +7,15 @@ mod commands;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Face verification with MobileFaceNet.
 #[derive(Parser, Debug)]
 #[command(name = "mfn-cli", version, about)]
 struct Cli {
-    /// Threads for the network and image decoding (default: all cores).
-    #[arg(long, global = true)]
+    /// Threads for the network and image decoding, at most 8 per core (default: all
+    /// cores).
+    #[arg(long, global = true, allow_negative_numbers = true, value_parser = commands::args::threads)]
     threads: Option<usize>,
 
     #[command(subcommand)]
@@ -48,7 +49,23 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // Which options the command line gave, as opposed to their defaults: a resumed run
+    // keeps its own settings unless told otherwise.
+    let given = |sub: &str| -> Vec<String> {
+        matches
+            .subcommand_matches(sub)
+            .map(|m| {
+                m.ids()
+                    .filter(|id| {
+                        m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+                    })
+                    .map(|id| id.as_str().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     if let Some(n) = cli.threads {
         mfn_model::set_num_threads(n);
     }
@@ -59,7 +76,7 @@ fn main() {
         Command::Align(args) => commands::align::run(args).map(|_| 0),
         Command::Verify(args) => commands::verify::run(args).map(|same| if same { 0 } else { 1 }),
         Command::PackBin(args) => commands::pack_bin::run(args).map(|_| 0),
-        Command::Train(args) => commands::train::run(*args).map(|_| 0),
+        Command::Train(args) => commands::train::run(*args, &given("train")).map(|_| 0),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use image::{Rgb, Rgb32FImage, RgbImage};
 use imageproc::geometric_transformations::{warp_into, Interpolation, Projection};
 
+use crate::error::quote;
 use crate::{Error, Result};
 
 /// Five facial landmarks in pixels, `[x, y]` each, in this order: left eye, right eye, nose
@@ -508,23 +509,37 @@ const LANDMARK_NAMES: [&str; 5] = [
     "right mouth corner",
 ];
 
+/// Landmarks files longer than this are refused before they are read (a line for each of
+/// LFW's 13,233 photos takes about 1 MB).
+pub const MAX_LANDMARKS_FILE_BYTES: u64 = 64 << 20;
+
+/// Longest line of a landmarks file: a path (at most 4096 bytes on Linux) and ten numbers.
+pub const MAX_LANDMARKS_LINE_BYTES: usize = 8192;
+
+/// Most faces a landmarks file may list.
+pub const MAX_LANDMARKS_FACES: usize = 1 << 20;
+
 /// Reads a landmarks file: one face a line, tab-separated, an image path relative to some
 /// image folder and then ten numbers, `x y` of the left eye, right eye, nose tip, left and
 /// right mouth corners. Blank lines are skipped.
 ///
 /// Errors name the file, and for a malformed line its 1-based number and what was wrong: a
-/// missing file ([`Error::Io`]), a wrong field count or a field that is not a finite number
+/// missing file ([`Error::Io`]), a file over [`MAX_LANDMARKS_FILE_BYTES`], text that is not
+/// UTF-8, a line over [`MAX_LANDMARKS_LINE_BYTES`], more than [`MAX_LANDMARKS_FACES`]
+/// faces, a wrong field count or a field that is not a finite number
 /// ([`Error::LandmarksFile`]).
 pub fn read_landmarks_file(path: &Path) -> Result<Vec<(PathBuf, Landmarks)>> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+    let bad = |line, message| Error::LandmarksFile {
         path: path.to_path_buf(),
-        source,
-    })?;
+        line,
+        message,
+    };
+    let text = crate::text::read_text(path, MAX_LANDMARKS_FILE_BYTES, "landmarks file", bad)?;
     parse_landmarks(&text, path)
 }
 
 /// Parses the text of a landmarks file (see [`read_landmarks_file`]); `path` only names the
-/// file in errors.
+/// file in errors, which show text from the file escaped and shortened.
 pub fn parse_landmarks(text: &str, path: &Path) -> Result<Vec<(PathBuf, Landmarks)>> {
     let mut faces = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -536,12 +551,28 @@ pub fn parse_landmarks(text: &str, path: &Path) -> Result<Vec<(PathBuf, Landmark
         if line.trim().is_empty() {
             continue;
         }
-        let fields: Vec<&str> = line.split('\t').map(str::trim).collect();
+        if line.len() > MAX_LANDMARKS_LINE_BYTES {
+            return Err(bad(format!(
+                "the line is {} bytes long; a path and ten numbers take at most \
+                 {MAX_LANDMARKS_LINE_BYTES}",
+                line.len()
+            )));
+        }
+        if faces.len() == MAX_LANDMARKS_FACES {
+            return Err(bad(format!(
+                "more than {MAX_LANDMARKS_FACES} faces in one landmarks file"
+            )));
+        }
+        let fields: Vec<&str> = line.splitn(12, '\t').map(str::trim).collect();
         if fields.len() != 11 {
+            let found = if fields.len() == 12 {
+                "more than 11".to_string()
+            } else {
+                fields.len().to_string()
+            };
             return Err(bad(format!(
                 "expected 11 tab-separated fields (image path, then x y for the left eye, \
-                 right eye, nose, left and right mouth corners), found {}",
-                fields.len()
+                 right eye, nose, left and right mouth corners), found {found}"
             )));
         }
         if fields[0].is_empty() {
@@ -555,10 +586,11 @@ pub fn parse_landmarks(text: &str, path: &Path) -> Result<Vec<(PathBuf, Landmark
                 .filter(|v| v.is_finite())
                 .ok_or_else(|| {
                     bad(format!(
-                        "field {} ({} {}) is not a finite number: {field:?}",
+                        "field {} ({} {}) is not a finite number: `{}`",
                         k + 2,
                         LANDMARK_NAMES[k / 2],
-                        ["x", "y"][k % 2]
+                        ["x", "y"][k % 2],
+                        quote(field)
                     ))
                 })?;
             landmarks[k / 2][k % 2] = value;

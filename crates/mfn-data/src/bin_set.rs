@@ -25,6 +25,10 @@ use rayon::prelude::*;
 use crate::image::load_batch_encoded;
 use crate::{Error, Pairs, Result};
 
+/// `.bin` files longer than this are refused before they are read: the largest public
+/// sets (`cfp_fp.bin`, `agedb_30.bin`) are a few hundred MB.
+pub const MAX_BIN_FILE_BYTES: u64 = 4 << 30;
+
 /// A verification set: encoded images, two per pair, and whether each pair shows one
 /// person.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -36,12 +40,23 @@ pub struct BinSet {
 }
 
 impl BinSet {
-    /// Reads a `.bin` file.
+    /// Reads a `.bin` file of at most [`MAX_BIN_FILE_BYTES`]. A file whose first byte
+    /// starts no pickle is refused as soon as it is read.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let first_byte = |b: &[u8], start: usize| match (start, b.first()) {
+            (0, Some(&first)) if first != op::PROTO && !first.is_ascii_graphic() => {
+                Err(Error::Pickle {
+                    path: path.to_path_buf(),
+                    offset: 0,
+                    message: format!(
+                        "not a pickle: no pickle starts with byte {first:#04x} (a .bin set \
+                         starts with the PROTO opcode 0x80)"
+                    ),
+                })
+            }
+            _ => Ok(()),
+        };
+        let bytes = crate::text::read_capped(path, MAX_BIN_FILE_BYTES, ".bin set", first_byte)?;
         Self::parse(&bytes, path)
     }
 

@@ -258,6 +258,24 @@ pub fn write_insightface<W: std::io::Write>(
     Ok(header)
 }
 
+/// Most classes a [`RecordDataset`] may have: 2^24, where `f32` labels stop holding every
+/// integer (insightface stores classes as `f32`; the largest public sets have about 2
+/// million identities).
+pub const MAX_CLASSES: usize = 1 << 24;
+
+/// Without an insightface header, the number of classes is one more than the largest
+/// label; a subset of a bigger set may leave classes without images, but at most this
+/// many per image, so that a stray label cannot ask a training head for billions of rows.
+pub const MAX_CLASSES_PER_IMAGE: usize = 1024;
+
+/// Classes `images` images without an insightface header may number.
+fn max_classes(images: usize) -> usize {
+    images
+        .max(1)
+        .saturating_mul(MAX_CLASSES_PER_IMAGE)
+        .min(MAX_CLASSES)
+}
+
 /// Images and classes from an MXNet RecordIO file.
 ///
 /// With an insightface header (record 0, see [`InsightfaceHeader`]) the images are keys
@@ -268,6 +286,10 @@ pub fn write_insightface<W: std::io::Write>(
 ///
 /// A record's class is its label ([`Record::label`]: the first of a label array), which
 /// must be a non-negative integer.
+///
+/// Counts come from the data, never from a number alone: a header's images and identities
+/// must all be records of the file, and without a header the classes are bounded by
+/// [`MAX_CLASSES_PER_IMAGE`] per image and [`MAX_CLASSES`].
 #[derive(Debug)]
 pub struct RecordDataset {
     reader: RecordReader,
@@ -277,9 +299,15 @@ pub struct RecordDataset {
 }
 
 impl RecordDataset {
-    /// Opens `rec` with its index `idx` (usually [`idx_path`](crate::recordio::idx_path)`(rec)`).
+    /// Opens `rec` with its index `idx`. Without one, the index beside it
+    /// ([`idx_path`](crate::recordio::idx_path)`(rec)`, `X.idx` for `X.rec`) is used when it
+    /// exists, and the `.rec` is scanned when it does not (see
+    /// [`RecordReader::open_with_index`]).
     pub fn open(rec: &Path, idx: Option<&Path>) -> Result<Self> {
-        Self::new(RecordReader::open(rec, idx)?)
+        match idx {
+            Some(idx) => Self::new(RecordReader::open(rec, Some(idx))?),
+            None => Self::new(RecordReader::open_with_index(rec)?),
+        }
     }
 
     /// A dataset over the records of `reader`.
@@ -301,6 +329,21 @@ impl RecordDataset {
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
+                // Each identity is a record of its own too, so the class count is backed by
+                // data: a key missing is found after at most as many look-ups as there are
+                // records.
+                if let Some(key) = h.identities.clone().find(|&k| reader.position(k).is_none()) {
+                    return Err(Error::NoSuchItem {
+                        path: reader.idx().unwrap_or(reader.path()).to_path_buf(),
+                        message: format!(
+                            "the insightface header names {} identities, keys {}..{}, but \
+                             there is no record {key}",
+                            h.num_classes(),
+                            h.identities.start,
+                            h.identities.end
+                        ),
+                    });
+                }
                 let classes = usize::try_from(h.num_classes()).map_err(|_| Error::RecordIo {
                     path: reader.path().to_path_buf(),
                     offset: 0,
@@ -309,6 +352,7 @@ impl RecordDataset {
                 (images, classes)
             }
             None => {
+                let limit = max_classes(reader.len());
                 let mut classes = 0;
                 for i in 0..reader.len() {
                     let (h, labels) = reader.header_at(i)?;
@@ -317,7 +361,21 @@ impl RecordDataset {
                         labels,
                         payload: Vec::new(),
                     };
-                    classes = classes.max(class_of(&reader, i, &record)? + 1);
+                    let class = class_of(&reader, i, &record)?;
+                    if class >= limit {
+                        let (key, offset) = reader.location(i).unwrap_or_default();
+                        return Err(Error::RecordIo {
+                            path: reader.path().to_path_buf(),
+                            offset,
+                            message: format!(
+                                "record {key}: class {class} is too large: {} images may number \
+                                 at most {limit} classes (at most {MAX_CLASSES_PER_IMAGE} per \
+                                 image, and below {MAX_CLASSES})",
+                                reader.len()
+                            ),
+                        });
+                    }
+                    classes = classes.max(class + 1);
                 }
                 ((0..reader.len()).collect(), classes)
             }

@@ -200,3 +200,63 @@ fn list_paths(paths: &[PathBuf]) -> String {
 
 /// Shorthand for results of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// How many characters of text from a file an error message shows.
+pub(crate) const QUOTE_CHARS: usize = 80;
+
+/// Text from a file made safe and short for an error message: escaped as `{:?}` escapes a
+/// string (control and other non-printing characters as `\n`, `\u{1b}`), and cut to [`QUOTE_CHARS`]
+/// characters with `…` when longer, so that a hostile file can neither drive the terminal
+/// nor flood it.
+pub(crate) fn quote(text: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == QUOTE_CHARS {
+            out.push('…');
+            break;
+        }
+        // As `{:?}` shows a string: a `'` needs no escape inside one.
+        if c == '\'' {
+            out.push(c);
+        } else {
+            out.extend(c.escape_debug());
+        }
+    }
+    out
+}
+
+/// A message from another library (an image decoder's, say) made fit to print: trimmed,
+/// with control characters escaped and at most 500 characters.
+pub(crate) fn tidy(message: &str) -> String {
+    let message = message.trim();
+    let mut out = String::new();
+    for (i, c) in message.chars().enumerate() {
+        if i == 500 {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quote_escapes_and_cuts() {
+        assert_eq!(quote("Aaron_Peirsol"), "Aaron_Peirsol");
+        assert_eq!(quote("a\u{1b}[31mb\n"), "a\\u{1b}[31mb\\n");
+        let long = "x".repeat(10_000_000);
+        let q = quote(&long);
+        assert_eq!(q.chars().count(), QUOTE_CHARS + 1);
+        assert!(q.ends_with('…'));
+        assert_eq!(tidy("Not enough bytes\n"), "Not enough bytes");
+        assert_eq!(tidy("a\nb \"c\""), "a\\nb \"c\"");
+    }
+}

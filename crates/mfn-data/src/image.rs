@@ -1,37 +1,140 @@
 //! Decoding image files into RGB `f32` NCHW tensors, in parallel.
 
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use image::RgbImage;
+use image::{ImageReader, Limits, RgbImage};
 use rayon::prelude::*;
 
+use crate::error::tidy;
 use crate::{Error, Result};
 
+/// Widest and tallest image decoded: larger declared sizes are refused from the file's
+/// header, before any pixel is allocated. A face photo is far smaller.
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+
+/// Most memory one decoded image may take, both as the decoder's buffer and as the RGB
+/// image it becomes (`width * height * 3` bytes): 512 MiB, an RGB image of about 13,000 x
+/// 13,000.
+pub const MAX_IMAGE_BYTES: u64 = 512 << 20;
+
+/// Image files longer than this are refused before they are read: no image within
+/// [`MAX_IMAGE_BYTES`] needs a bigger file, even stored uncompressed.
+pub const MAX_IMAGE_FILE_BYTES: u64 = MAX_IMAGE_BYTES + (1 << 20);
+
 /// Decodes an image file (JPEG, PNG, BMP, WebP; grayscale and RGBA are converted) to RGB.
+///
+/// Files over [`MAX_IMAGE_FILE_BYTES`], images wider or taller than [`MAX_IMAGE_SIDE`] and
+/// images that would take more than [`MAX_IMAGE_BYTES`] are refused with an error that
+/// names the file, before their pixels are allocated.
 pub fn decode_rgb(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    // A file whose first bytes are no image format's is refused as soon as they are read.
+    let mut sniffed = false;
+    let sniff = |b: &[u8], _: usize| {
+        if sniffed || b.len() < SNIFF_BYTES {
+            return Ok(());
+        }
+        sniffed = true;
+        match image::guess_format(&b[..SNIFF_BYTES]) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(Error::Decode {
+                path: path.to_path_buf(),
+                message: format!(
+                    "not an image: its first bytes ({}) are no JPEG, PNG, BMP or WebP header",
+                    hex(&b[..8])
+                ),
+            }),
+        }
+    };
+    let bytes = crate::text::read_capped(path, MAX_IMAGE_FILE_BYTES, "image file", sniff)?;
     decode_rgb_bytes(&bytes, path)
 }
 
-/// Decodes an encoded image held in memory (a member of a `.bin` set, say) to RGB, with
-/// the same formats and checks as [`decode_rgb`]. `name` stands for the image in errors:
-/// a file, or a [`member_name`].
-pub fn decode_rgb_bytes(bytes: &[u8], name: &Path) -> Result<RgbImage> {
-    if is_truncated_jpeg(bytes) {
-        return Err(Error::Decode {
+/// How many bytes of a file tell its image format.
+const SNIFF_BYTES: usize = 32;
+
+fn hex(bytes: &[u8]) -> String {
+    let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    hex.join(" ")
+}
+
+/// [`decode_rgb`], and the image must be `size` (width x height): an aligned crop, say.
+/// A different size is [`Error::ImageSize`], which names the file and both sizes.
+pub fn decode_rgb_sized(path: &Path, size: [usize; 2]) -> Result<RgbImage> {
+    let img = decode_rgb(path)?;
+    check_size(&img, size, path)?;
+    Ok(img)
+}
+
+/// [`Error::ImageSize`] unless `img` is `size` (width x height); `name` names it.
+pub fn check_size(img: &RgbImage, size: [usize; 2], name: &Path) -> Result<()> {
+    let found = [img.width() as usize, img.height() as usize];
+    if found == size {
+        Ok(())
+    } else {
+        Err(Error::ImageSize {
             path: name.to_path_buf(),
-            message: "truncated JPEG: no end-of-image marker after the image data".into(),
-        });
+            expected: size,
+            found,
+        })
     }
-    let img = image::load_from_memory(bytes).map_err(|e| Error::Decode {
+}
+
+/// Decodes an encoded image held in memory (a member of a `.bin` set, say) to RGB, with
+/// the same formats, checks and limits as [`decode_rgb`]. `name` stands for the image in
+/// errors: a file, or a [`member_name`].
+pub fn decode_rgb_bytes(bytes: &[u8], name: &Path) -> Result<RgbImage> {
+    let fail = |message: String| Error::Decode {
         path: name.to_path_buf(),
-        message: e.to_string(),
-    })?;
+        message,
+    };
+    if is_truncated_jpeg(bytes) {
+        return Err(fail(
+            "truncated JPEG: no end-of-image marker after the image data".into(),
+        ));
+    }
+    let reader = |side: Option<u32>| -> Result<ImageReader<Cursor<&[u8]>>> {
+        let mut r = ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| fail(tidy(&e.to_string())))?;
+        let mut limits = Limits::default();
+        limits.max_image_width = side;
+        limits.max_image_height = side;
+        limits.max_alloc = Some(MAX_IMAGE_BYTES);
+        r.limits(limits);
+        Ok(r)
+    };
+    // The header alone first: the size the image claims, checked (and named in the error)
+    // before any pixel is allocated. The decoder then runs with every limit set.
+    let (w, h) = reader(None)?
+        .into_dimensions()
+        .map_err(|e| fail(describe(&e)))?;
+    if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE || u64::from(w) * u64::from(h) * 3 > MAX_IMAGE_BYTES
+    {
+        return Err(fail(format!(
+            "the image is {w}x{h}: more than the {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} pixels and \
+             {} of RGB this reader decodes",
+            crate::text::bytes(MAX_IMAGE_BYTES)
+        )));
+    }
+    let img = reader(Some(MAX_IMAGE_SIDE))?
+        .decode()
+        .map_err(|e| fail(describe(&e)))?;
     Ok(img.to_rgb8())
+}
+
+/// The decoder's complaint, with the limits named when it hit one.
+fn describe(e: &image::ImageError) -> String {
+    match e {
+        image::ImageError::Limits(_) => format!(
+            "{} (this reader decodes images of at most {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} \
+             pixels and {})",
+            tidy(&e.to_string()),
+            crate::text::bytes(MAX_IMAGE_BYTES)
+        ),
+        e => tidy(&e.to_string()),
+    }
 }
 
 /// How errors name image `index` (0-based) inside a container file such as a `.bin` set.
@@ -113,15 +216,10 @@ fn decode_batch(
     let [w, h] = size;
     let per_image = 3 * w * h;
     let check = |i: usize, img: &RgbImage| {
-        let found = [img.width() as usize, img.height() as usize];
-        if found == size {
+        if [img.width() as usize, img.height() as usize] == size {
             Ok(())
         } else {
-            Err(Error::ImageSize {
-                path: name(i),
-                expected: size,
-                found,
-            })
+            check_size(img, size, &name(i))
         }
     };
     if per_image == 0 && n > 0 {

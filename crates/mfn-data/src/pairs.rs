@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::error::quote;
 use crate::{Error, Result};
 
 /// One LFW image: a person's name and the 1-based photo number.
@@ -48,25 +49,71 @@ pub struct Pairs {
     pub folds: usize,
 }
 
+/// Pairs files longer than this are refused before they are read: LFW's `pairs.txt` (6,000
+/// pairs) is 100 KB, so this leaves room for some 10 million pairs.
+pub const MAX_PAIRS_FILE_BYTES: u64 = 256 << 20;
+
+/// Longest name a pair may give: a name is a folder and a file name, and file systems
+/// keep those under 256 bytes.
+pub const MAX_NAME_BYTES: usize = 255;
+
 fn parse_number(field: &str, path: &Path, line: usize, what: &str) -> Result<u32> {
     field.parse().map_err(|_| Error::Pairs {
         path: path.to_path_buf(),
         line,
-        message: format!("{what} `{field}` is not a number"),
+        message: format!("{what} `{}` is not a number", quote(field)),
     })
 }
 
+/// Checks that `name` is one plain folder name, so that [`ImageRef::path`] stays inside
+/// the image folder it is given.
+fn check_name(name: &str) -> std::result::Result<(), String> {
+    let refuse = |why: &str| {
+        Err(format!(
+            "name `{}` {why}: a name is one folder name inside the images folder",
+            quote(name)
+        ))
+    };
+    if name.len() > MAX_NAME_BYTES {
+        return refuse(&format!(
+            "is {} bytes long, more than the {MAX_NAME_BYTES} a file name may take",
+            name.len()
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return refuse("holds a control character");
+    }
+    if name == "." || name == ".." {
+        return refuse("would leave the folder");
+    }
+    if name.contains(['/', '\\']) {
+        return refuse("holds a path separator (an absolute path, or a path into another folder)");
+    }
+    let mut parts = Path::new(name).components();
+    match (parts.next(), parts.next()) {
+        (Some(std::path::Component::Normal(_)), None) => Ok(()),
+        _ => refuse("is not a plain folder name"),
+    }
+}
+
 impl Pairs {
-    /// Reads and parses a pairs file.
+    /// Reads and parses a pairs file of at most [`MAX_PAIRS_FILE_BYTES`].
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        let bad = |line, message| Error::Pairs {
             path: path.to_path_buf(),
-            source,
-        })?;
+            line,
+            message,
+        };
+        let text = crate::text::read_text(path, MAX_PAIRS_FILE_BYTES, "pairs file", bad)?;
         Self::parse(&text, path)
     }
 
     /// Parses the text of a pairs file; `path` is only used in error messages.
+    ///
+    /// Nothing is allocated from the header's counts: they must agree with the lines the
+    /// file has. Names must be plain folder names (no absolute paths, no `..`, no path
+    /// separators, no control characters), so that every image stays inside the image
+    /// folder. Text from the file that an error message shows is escaped and shortened.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let err = |line: usize, message: String| Error::Pairs {
             path: path.to_path_buf(),
@@ -83,22 +130,21 @@ impl Pairs {
                 path: path.to_path_buf(),
             });
         };
-        let h: Vec<&str> = header.split_whitespace().collect();
+        let mut hfields = header.split_whitespace();
+        let h: Vec<&str> = hfields.by_ref().take(2).collect();
+        if hfields.next().is_some() {
+            return Err(err(
+                hline,
+                "header must be `folds pairs_per_fold` or `pairs`, found more than 2 fields".into(),
+            ));
+        }
         let (folds, per_side) = match h.as_slice() {
             [n] => (1, parse_number(n, path, hline, "pair count")?),
             [f, n] => (
                 parse_number(f, path, hline, "fold count")?,
                 parse_number(n, path, hline, "pairs per fold")?,
             ),
-            _ => {
-                return Err(err(
-                    hline,
-                    format!(
-                        "header must be `folds pairs_per_fold`, found {} fields",
-                        h.len()
-                    ),
-                ))
-            }
+            _ => return Err(err(hline, "the header has no fields".into())),
         };
         let (folds, per_side) = (folds as usize, per_side as usize);
         let per_fold = 2 * per_side;
@@ -107,31 +153,54 @@ impl Pairs {
                 path: path.to_path_buf(),
             });
         }
-        let mut pairs = Vec::with_capacity(folds * per_fold);
+        // At most 2^32 * 2^33: u128 cannot overflow.
+        let promised = folds as u128 * per_fold as u128;
+        let available = lines.clone().count();
+        if promised > available as u128 {
+            return Err(err(
+                hline,
+                format!(
+                    "the header promises {folds} folds of {per_fold} pairs ({promised}), the \
+                     file has {available} line(s) of pairs"
+                ),
+            ));
+        }
+        // `promised` fits in usize now: it is at most the number of lines.
+        let promised = promised as usize;
+        let mut pairs = Vec::with_capacity(promised);
         let mut last_line = hline;
         for (line, text) in lines {
             last_line = line;
-            let f: Vec<&str> = text.split_whitespace().collect();
-            let pair = match f.as_slice() {
-                [name, n1, n2] => Pair {
+            let mut fields = text.split_whitespace();
+            let f: Vec<&str> = fields.by_ref().take(4).collect();
+            let extra = fields.count();
+            let name = |n: &str| -> Result<String> {
+                check_name(n).map_err(|m| err(line, m))?;
+                Ok(n.to_string())
+            };
+            let pair = match (f.as_slice(), extra) {
+                ([n, n1, n2], 0) => {
+                    let n = name(n)?;
+                    Pair {
+                        a: ImageRef {
+                            name: n.clone(),
+                            number: parse_number(n1, path, line, "photo number")?,
+                        },
+                        b: ImageRef {
+                            name: n,
+                            number: parse_number(n2, path, line, "photo number")?,
+                        },
+                        same: true,
+                        fold: pairs.len() / per_fold,
+                    }
+                }
+                ([name1, n1, name2, n2], 0) => Pair {
                     a: ImageRef {
-                        name: name.to_string(),
+                        name: name(name1)?,
                         number: parse_number(n1, path, line, "photo number")?,
                     },
                     b: ImageRef {
-                        name: name.to_string(),
-                        number: parse_number(n2, path, line, "photo number")?,
-                    },
-                    same: true,
-                    fold: pairs.len() / per_fold,
-                },
-                [name1, n1, name2, n2] => Pair {
-                    a: ImageRef {
-                        name: name1.to_string(),
-                        number: parse_number(n1, path, line, "photo number")?,
-                    },
-                    b: ImageRef {
-                        name: name2.to_string(),
+                        name: name(name2)?,
                         number: parse_number(n2, path, line, "photo number")?,
                     },
                     same: false,
@@ -142,28 +211,24 @@ impl Pairs {
                         line,
                         format!(
                             "expected `name n1 n2` or `name1 n1 name2 n2`, found {} fields",
-                            f.len()
+                            f.len() + extra
                         ),
                     ))
                 }
             };
-            if pairs.len() == folds * per_fold {
+            if pairs.len() == promised {
                 return Err(err(
                     line,
-                    format!(
-                        "the header promises {} pairs, this line is one more",
-                        folds * per_fold
-                    ),
+                    format!("the header promises {promised} pairs, this line is one more"),
                 ));
             }
             pairs.push(pair);
         }
-        if pairs.len() != folds * per_fold {
+        if pairs.len() != promised {
             return Err(err(
                 last_line,
                 format!(
-                    "the header promises {folds} folds of {per_fold} pairs ({}), the file has {}",
-                    folds * per_fold,
+                    "the header promises {folds} folds of {per_fold} pairs ({promised}), the file has {}",
                     pairs.len()
                 ),
             ));
@@ -290,6 +355,66 @@ mod tests {
                 "{text:?}"
             );
         }
+    }
+
+    #[test]
+    fn huge_headers_allocate_nothing() {
+        for header in ["4294967295 4294967295", "10000 10000", "4294967295"] {
+            let err = parse(&format!("{header}\nA 1 2\nA 1 B 1\n")).unwrap_err();
+            assert_eq!(line_of_ref(&err), 1, "{err}");
+            assert!(
+                err.to_string().contains("the file has 2 line(s) of pairs"),
+                "{err}"
+            );
+        }
+    }
+
+    fn line_of_ref(err: &Error) -> usize {
+        match err {
+            Error::Pairs { line, .. } => *line,
+            other => panic!("expected a Pairs error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn names_stay_inside_the_images_folder() {
+        for (name, why) in [
+            ("/etc/passwd", "path separator"),
+            ("..", "would leave the folder"),
+            (".", "would leave the folder"),
+            ("a/../../b", "path separator"),
+            ("a\\b", "path separator"),
+            ("a\u{1b}[2Jb", "control character"),
+        ] {
+            for text in [
+                format!("1 1\n{name} 1 2\nA 1 B 1\n"),
+                format!("1 1\nA 1 2\nA 1 {name} 1\n"),
+            ] {
+                let err = parse(&text).unwrap_err();
+                let s = err.to_string();
+                assert!(s.contains(why), "{name:?}: {s}");
+                assert!(!s.contains('\u{1b}'), "{s}");
+                assert!(s.starts_with("pairs.txt:"), "{s}");
+            }
+        }
+        let long = "n".repeat(256);
+        assert!(parse(&format!("1 1\n{long} 1 2\nA 1 B 1\n"))
+            .unwrap_err()
+            .to_string()
+            .contains("256 bytes long"));
+        // Names LFW has are fine.
+        parse("1 1\nJean-Pierre_Raffarin 1 2\nBill_O'Reilly 1 Abdullah_al-Attiyah 1\n").unwrap();
+    }
+
+    #[test]
+    fn echoed_fields_are_escaped_and_short() {
+        let field = format!("1\u{7}{}", "9".repeat(10_000_000));
+        let err = parse(&format!("1 1\nA {field} 2\nA 1 B 1\n")).unwrap_err();
+        let s = err.to_string();
+        assert!(s.len() < 300, "{} bytes", s.len());
+        assert!(s.contains("1\\u{7}999") && s.contains('…'), "{s}");
+        let err = parse(&format!("1 1\nA 1 2 {}\nA 1 B 1\n", "x ".repeat(1_000_000))).unwrap_err();
+        assert!(err.to_string().contains("found 1000003 fields"), "{err}");
     }
 
     #[test]

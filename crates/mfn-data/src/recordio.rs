@@ -13,7 +13,10 @@
 //! `flag` extra `f32` labels between the two when `flag > 0` (`mxnet.recordio.pack`).
 //!
 //! The `.idx` file maps record keys to byte offsets, one `key\toffset` line per record
-//! (`mxnet.recordio.MXIndexedRecordIO`).
+//! (`mxnet.recordio.MXIndexedRecordIO`). [`RecordReader::open_with_index`] (and so
+//! [`RecordDataset::open`](crate::RecordDataset::open) without an explicit index) uses
+//! `X.idx` when it exists beside `X.rec`, checking every offset against the size of the
+//! `.rec`, and scans the `.rec` when it does not.
 //!
 //! Every malformed byte is an [`Error`] naming the file and the byte offset (or the `.idx`
 //! line); lengths read from a file are checked against the file's size before anything is
@@ -25,6 +28,7 @@ use std::io::{BufWriter, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use crate::error::quote;
 use crate::{Error, Result};
 
 /// The little-endian word that starts every frame (dmlc-core's `kMagic`).
@@ -185,6 +189,15 @@ fn parse_labels(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// Longest `.idx` file read for a `.rec` of `rec_len` bytes: a line of at most 64 bytes
+/// (two 20-digit numbers, a tab, line ends, some blanks) for each record the `.rec` can
+/// hold (8 bytes each at least), and 64 KiB of slack.
+pub fn max_idx_bytes(rec_len: u64) -> u64 {
+    (rec_len / FRAME_HEADER_LEN)
+        .saturating_mul(64)
+        .saturating_add(64 << 10)
+}
+
 /// The `.idx` file insightface and im2rec put beside `name.rec`: `name.idx`.
 pub fn idx_path(rec: &Path) -> PathBuf {
     rec.with_extension("idx")
@@ -338,7 +351,12 @@ impl RecordReader {
         #[cfg(not(unix))]
         let source = FileSource(std::sync::Mutex::new(file));
         let idx_text = match idx {
-            Some(p) => Some(std::fs::read(p).map_err(io(p))?),
+            Some(p) => Some(crate::text::read_capped(
+                p,
+                max_idx_bytes(file_len),
+                "RecordIO index of this .rec",
+                |_, _| Ok(()),
+            )?),
             None => None,
         };
         Self::build(
@@ -350,10 +368,37 @@ impl RecordReader {
         )
     }
 
+    /// Opens `rec` with the index beside it, [`idx_path`]`(rec)` (`X.idx` for `X.rec`), when
+    /// that file exists, else by scanning `rec` (see [`RecordReader::open`]). An index that
+    /// exists but is malformed, or points outside the `.rec`, is an error that names its
+    /// line: a stale index is not silently replaced by a scan.
+    pub fn open_with_index(rec: &Path) -> Result<Self> {
+        let idx = idx_path(rec);
+        if idx != rec && idx.is_file() {
+            Self::open(rec, Some(&idx))
+        } else {
+            Self::open(rec, None)
+        }
+    }
+
     /// A reader over a `.rec` file's bytes and, optionally, its `.idx` text; errors name
     /// `<memory>`. Useful for data that is not in a file, and for fuzzing.
     pub fn from_bytes(rec: Vec<u8>, idx: Option<&[u8]>) -> Result<Self> {
         let file_len = rec.len() as u64;
+        if let Some(text) = idx {
+            let max = max_idx_bytes(file_len);
+            if text.len() as u64 > max {
+                return Err(Error::RecordIndex {
+                    path: PathBuf::from(format!("{MEMORY}.idx")),
+                    line: 1,
+                    message: format!(
+                        "the index is {} bytes, more than the {max} an index of a {file_len}-byte \
+                         .rec can need",
+                        text.len()
+                    ),
+                });
+            }
+        }
         Self::build(
             PathBuf::from(MEMORY),
             idx.map(|_| PathBuf::from(format!("{MEMORY}.idx"))),
@@ -400,21 +445,23 @@ impl RecordReader {
             if line.is_empty() {
                 continue;
             }
-            let fields: Vec<&str> = line.split('\t').collect();
+            let fields: Vec<&str> = line.splitn(3, '\t').collect();
             let [key, offset] = fields[..] else {
                 return Err(bad(
                     n,
-                    format!("expected `index<TAB>offset`, found {line:?}"),
+                    format!("expected `index<TAB>offset`, found \"{}\"", quote(line)),
                 ));
             };
-            let key: u64 = key
-                .trim()
-                .parse()
-                .map_err(|_| bad(n, format!("index {key:?} is not a non-negative integer")))?;
+            let key: u64 = key.trim().parse().map_err(|_| {
+                bad(
+                    n,
+                    format!("index \"{}\" is not a non-negative integer", quote(key)),
+                )
+            })?;
             let offset: u64 = offset.trim().parse().map_err(|_| {
                 bad(
                     n,
-                    format!("offset {offset:?} is not a non-negative integer"),
+                    format!("offset \"{}\" is not a non-negative integer", quote(offset)),
                 )
             })?;
             if offset >= self.file_len {
@@ -434,6 +481,18 @@ impl RecordReader {
                         "offset {offset} leaves no room for a record header in {} ({} bytes)",
                         self.path.display(),
                         self.file_len
+                    ),
+                ));
+            }
+            if self.entries.len() as u64 >= self.file_len / FRAME_HEADER_LEN {
+                return Err(bad(
+                    n,
+                    format!(
+                        "more index lines than {} ({} bytes) can hold records, at {} bytes \
+                         each at least",
+                        self.path.display(),
+                        self.file_len,
+                        FRAME_HEADER_LEN
                     ),
                 ));
             }

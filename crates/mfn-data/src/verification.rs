@@ -28,6 +28,10 @@ pub struct VerificationSet {
     folds: Option<Vec<usize>>,
 }
 
+/// Fewest folds a set with folds may have: k-fold cross-validation fits each fold's
+/// threshold on the others, so one fold leaves nothing to fit on.
+pub const MIN_FOLDS: usize = 2;
+
 /// Fold of each of `n` pairs cut into `k` consecutive runs, as scikit-learn's
 /// `KFold(shuffle=False)` (insightface's split of `.bin` sets): the first `n % k` folds get
 /// one pair more.
@@ -49,10 +53,14 @@ impl VerificationSet {
     /// A parsed `.bin` set; `path` names it in messages.
     pub fn from_bin(set: BinSet, path: &Path, folds: usize) -> Result<Self> {
         let n = set.pairs();
-        if folds == 0 || folds > n {
+        set.validate(path)?;
+        if folds < MIN_FOLDS || folds > n {
             return Err(Error::Verification {
                 path: path.to_path_buf(),
-                message: format!("has {n} pairs, which cannot be split into {folds} folds"),
+                message: format!(
+                    "has {n} pairs, which cannot be split into {folds} folds (the k-fold \
+                     protocol needs at least {MIN_FOLDS}, and a pair in each)"
+                ),
             });
         }
         Ok(Self {
@@ -64,8 +72,9 @@ impl VerificationSet {
         })
     }
 
-    /// An LFW-style `pairs.txt` over `root/<Name>/<Name>_<NNNN>.<ext>`, with its folds. All
-    /// missing images are reported at once, before anything is decoded.
+    /// An LFW-style `pairs.txt` over `root/<Name>/<Name>_<NNNN>.<ext>`, with its folds (at
+    /// least [`MIN_FOLDS`]). All missing images are reported at once, before anything is
+    /// decoded.
     pub fn pairs(pairs: &Path, root: &Path, ext: &str) -> Result<Self> {
         let list = Pairs::read(pairs)?;
         let (unique, index) = list.index();
@@ -75,6 +84,16 @@ impl VerificationSet {
             return Err(Error::MissingImages {
                 root: root.to_path_buf(),
                 paths: missing,
+            });
+        }
+        if list.folds < MIN_FOLDS {
+            return Err(Error::Verification {
+                path: pairs.to_path_buf(),
+                message: format!(
+                    "has {} fold(s): the k-fold protocol needs at least {MIN_FOLDS} (a header \
+                     `folds pairs_per_fold`, as View 2's `10 300`)",
+                    list.folds
+                ),
             });
         }
         Ok(Self {
@@ -127,6 +146,55 @@ impl VerificationSet {
         }
     }
 
+    /// How errors name image `index` of the set (a position in what [`Self::embed`]
+    /// returns): its file, or for a `.bin` set the set and the image's number in it.
+    pub fn image_name(&self, index: usize) -> PathBuf {
+        match &self.images {
+            Images::Files(f) => f.get(index).cloned().unwrap_or_else(|| {
+                PathBuf::from(format!("{}, image {index}", self.source.display()))
+            }),
+            Images::Encoded(_) => crate::image::member_name(&self.source, index),
+        }
+    }
+
+    /// Checks that every embedding can be compared by cosine: finite and not all zeros. An
+    /// error names the set and the image (see [`Self::image_name`]), which a model's
+    /// embedding alone cannot.
+    pub fn check_embeddings(&self, embeddings: &[Vec<f32>]) -> Result<()> {
+        let bad = |i: usize, what: String| Error::Verification {
+            path: self.source.clone(),
+            message: format!(
+                "the embedding of image {i} ({}) {what}",
+                self.image_name(i).display()
+            ),
+        };
+        if embeddings.len() != self.images() {
+            return Err(Error::Verification {
+                path: self.source.clone(),
+                message: format!(
+                    "{} embeddings for {} images",
+                    embeddings.len(),
+                    self.images()
+                ),
+            });
+        }
+        for (i, e) in embeddings.iter().enumerate() {
+            if e.is_empty() {
+                return Err(bad(i, "is empty".into()));
+            }
+            if let Some(k) = e.iter().position(|v| !v.is_finite()) {
+                return Err(bad(i, format!("is not finite: component {k} is {}", e[k])));
+            }
+            if e.iter().all(|&v| v == 0.0) {
+                return Err(bad(
+                    i,
+                    "is all zeros, so its cosine with anything is undefined".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Each pair's two positions in the embeddings [`Self::embed`] returns.
     pub fn pair_index(&self) -> &[[usize; 2]] {
         &self.pairs
@@ -145,6 +213,10 @@ impl VerificationSet {
     /// Decodes every image once, in batches of `batch` at `size` (width x height) decoded
     /// ahead on a background thread, and returns `embed`'s rows in image order. `progress`
     /// sees the count of images done.
+    ///
+    /// The rows are checked with [`Self::check_embeddings`], so that an embedding that is
+    /// not finite or all zeros is an error naming its image here, not a nameless one when
+    /// the pairs are scored.
     pub fn embed<E>(
         &self,
         batch: usize,
@@ -156,7 +228,7 @@ impl VerificationSet {
     where
         E: From<Error>,
     {
-        match &self.images {
+        let rows = match &self.images {
             Images::Files(files) => {
                 crate::embed_images(files, batch, size, device, embed, progress)
             }
@@ -169,7 +241,9 @@ impl VerificationSet {
                 embed,
                 progress,
             ),
-        }
+        }?;
+        self.check_embeddings(&rows)?;
+        Ok(rows)
     }
 }
 

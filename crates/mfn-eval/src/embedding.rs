@@ -20,19 +20,26 @@ pub fn normalize(v: &[f32]) -> Vec<f32> {
 /// The cosine of each pair `[a, b]` of rows of `embeddings`.
 ///
 /// # Errors
-/// [`Error::IndexOutOfRange`] when a pair names a row that does not exist, and whatever
-/// [`cosine`] returns for a pair.
+/// [`Error::IndexOutOfRange`] when a pair names a row that does not exist, and
+/// [`Error::Pair`], which names the pair and its two rows, around whatever [`cosine`]
+/// returns for them.
 pub fn pair_cosines(embeddings: &[Vec<f32>], pairs: &[[usize; 2]]) -> Result<Vec<f64>> {
     pairs
         .iter()
-        .map(|&[a, b]| {
+        .enumerate()
+        .map(|(pair, &[a, b])| {
             let row = |i: usize| {
                 embeddings.get(i).ok_or(Error::IndexOutOfRange {
+                    pair,
                     index: i,
                     len: embeddings.len(),
                 })
             };
-            cosine(row(a)?, row(b)?)
+            cosine(row(a)?, row(b)?).map_err(|cause| Error::Pair {
+                pair,
+                embeddings: [a, b],
+                cause: Box::new(cause),
+            })
         })
         .collect()
 }
@@ -112,9 +119,33 @@ mod tests {
                 && (c[2] - 1.0).abs() < 1e-12
         );
         assert!(matches!(
-            pair_cosines(&e, &[[0, 3]]),
-            Err(Error::IndexOutOfRange { index: 3, len: 3 })
+            pair_cosines(&e, &[[0, 1], [0, 3]]),
+            Err(Error::IndexOutOfRange {
+                pair: 1,
+                index: 3,
+                len: 3
+            })
         ));
+    }
+
+    #[test]
+    fn pair_cosines_errors_name_the_pair_and_embeddings() {
+        let e = vec![vec![1.0, 0.0], vec![0.0, 0.0], vec![f32::NAN, 1.0]];
+        let err = pair_cosines(&e, &[[0, 0], [0, 1]]).unwrap_err();
+        assert!(matches!(
+            &err,
+            Error::Pair { pair: 1, embeddings: [0, 1], cause } if matches!(**cause, Error::ZeroNorm { what: "b" })
+        ));
+        assert_eq!(
+            err.to_string(),
+            "pair 1 (a = embedding 0, b = embedding 1): b has zero L2 norm, so its cosine \
+             similarity is undefined"
+        );
+        let err = pair_cosines(&e, &[[2, 0]]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "pair 0 (a = embedding 2, b = embedding 0): a[0] is not finite (NaN)"
+        );
     }
 
     #[test]

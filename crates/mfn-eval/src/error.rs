@@ -45,15 +45,29 @@ pub enum Error {
         what: &'static str,
     },
     /// A pair names an embedding that does not exist.
-    #[error("pair index {index} is out of range for {len} embeddings")]
+    #[error("pair {pair} names embedding {index}, but there are {len} embeddings")]
     IndexOutOfRange {
-        /// The index.
+        /// The pair, a position in the pair list.
+        pair: usize,
+        /// The embedding it names.
         index: usize,
         /// How many embeddings there are.
         len: usize,
     },
+    /// A pair's two embeddings cannot be compared; `cause` says why in terms of the pair's
+    /// `a` (its first embedding) and `b` (its second).
+    #[error("pair {pair} (a = embedding {}, b = embedding {}): {cause}", embeddings[0], embeddings[1])]
+    Pair {
+        /// The pair, a position in the pair list.
+        pair: usize,
+        /// The positions of its two embeddings.
+        embeddings: [usize; 2],
+        /// What is wrong with them: [`Error::NonFinite`], [`Error::ZeroNorm`],
+        /// [`Error::Empty`] or [`Error::LengthMismatch`].
+        cause: Box<Error>,
+    },
     /// Fewer folds than the operation needs.
-    #[error("need at least {min} folds, got {n_folds}")]
+    #[error("k-fold cross-validation needs at least {min} folds, got {n_folds}")]
     TooFewFolds {
         /// Number of folds found or requested.
         n_folds: usize,

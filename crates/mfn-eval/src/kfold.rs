@@ -84,6 +84,13 @@ pub struct KFoldReport {
     pub mean_threshold_cosine: f64,
     /// Per-fold results, indexed by fold.
     pub folds: Vec<FoldResult>,
+    /// What makes these numbers mean less than they seem, one sentence each, for the
+    /// caller to show: a test fold without same-person or without different-person pairs
+    /// (its accuracy measures one class only), or training folds without one of the classes
+    /// (the threshold fitted on them accepts or rejects everything). Empty for a sound
+    /// layout such as LFW's.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// A fitted threshold and the number of training pairs it classifies correctly.
@@ -145,7 +152,65 @@ pub fn kfold_accuracy(scores: &PairScores, protocol: Protocol) -> Result<KFoldRe
         mean_threshold: mean_of(|f| f.threshold),
         mean_threshold_cosine: mean_of(|f| f.threshold_cosine),
         folds,
+        warnings: fold_warnings(scores, n_folds),
     })
+}
+
+/// The warnings of [`KFoldReport::warnings`] for `scores` in `n_folds` folds: folds whose
+/// test or training pairs lack a class, listed together.
+fn fold_warnings(scores: &PairScores, n_folds: usize) -> Vec<String> {
+    // (positives, negatives) of each fold.
+    let mut counts = vec![(0usize, 0usize); n_folds];
+    for (&fold, &same) in scores.folds.iter().zip(&scores.labels) {
+        if let Some(c) = counts.get_mut(fold) {
+            if same {
+                c.0 += 1;
+            } else {
+                c.1 += 1;
+            }
+        }
+    }
+    let (pos, neg) = (scores.positives(), scores.negatives());
+    let list = |which: &dyn Fn(&(usize, usize)) -> bool| -> Vec<usize> {
+        (0..n_folds).filter(|&k| which(&counts[k])).collect()
+    };
+    let name = |folds: &[usize]| {
+        let shown: Vec<String> = folds.iter().take(20).map(|k| k.to_string()).collect();
+        let more = if folds.len() > 20 {
+            format!(" and {} more", folds.len() - 20)
+        } else {
+            String::new()
+        };
+        let s = if folds.len() == 1 { "" } else { "s" };
+        format!("fold{s} {}{more}", shown.join(", "))
+    };
+    let mut warnings = Vec::new();
+    for (class, test_lacks, train_lacks) in [
+        ("same-person", list(&|c| c.0 == 0), list(&|c| c.0 == pos)),
+        (
+            "different-person",
+            list(&|c| c.1 == 0),
+            list(&|c| c.1 == neg),
+        ),
+    ] {
+        if !test_lacks.is_empty() {
+            let one = test_lacks.len() == 1;
+            warnings.push(format!(
+                "test {} of {n_folds} {} no {class} pairs: {} accuracy measures one class only",
+                name(&test_lacks),
+                if one { "holds" } else { "hold" },
+                if one { "its" } else { "their" }
+            ));
+        }
+        if !train_lacks.is_empty() {
+            warnings.push(format!(
+                "the training pairs for test {} hold no {class} pairs: the threshold fitted \
+                 on them can only accept or reject everything",
+                name(&train_lacks)
+            ));
+        }
+    }
+    warnings
 }
 
 /// The insightface grid search, done with sorted distances and binary
@@ -479,6 +544,53 @@ mod tests {
         assert_eq!(insight.folds[0].threshold, 0.0);
         assert_eq!(insight.folds[1].threshold, 120.0 * 0.01);
         assert_eq!(insight.mean, 0.25);
+    }
+
+    #[test]
+    fn sound_folds_have_no_warnings() {
+        for protocol in [Protocol::Insightface, Protocol::Exact] {
+            let r = kfold_accuracy(&four_folds(), protocol).unwrap();
+            assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        }
+    }
+
+    #[test]
+    fn one_class_folds_are_warned_about() {
+        // Each fold holds one class: 50% +- 50% that means nothing.
+        let p = pairs(&[0.9, 0.8, 0.1, 0.2], &[1, 1, 0, 0], &[0, 0, 1, 1]);
+        let r = kfold_accuracy(&p, Protocol::Insightface).unwrap();
+        assert_eq!(
+            r.warnings,
+            [
+                "test fold 1 of 2 holds no same-person pairs: its accuracy measures one class \
+                 only",
+                "the training pairs for test fold 0 hold no same-person pairs: the threshold \
+                 fitted on them can only accept or reject everything",
+                "test fold 0 of 2 holds no different-person pairs: its accuracy measures one \
+                 class only",
+                "the training pairs for test fold 1 hold no different-person pairs: the \
+                 threshold fitted on them can only accept or reject everything",
+            ]
+        );
+        let exact = kfold_accuracy(&p, Protocol::Exact).unwrap();
+        assert_eq!(exact.warnings, r.warnings);
+
+        // Ten folds, only the last holds negatives.
+        let labels: Vec<u8> = (0..20).map(|i| u8::from(i < 18)).collect();
+        let folds: Vec<usize> = (0..20).map(|i| i / 2).collect();
+        let scores: Vec<f64> = (0..20).map(|i| i as f64 / 20.0).collect();
+        let r = kfold_accuracy(&pairs(&scores, &labels, &folds), Protocol::Exact).unwrap();
+        assert_eq!(
+            r.warnings,
+            [
+                "test fold 9 of 10 holds no same-person pairs: its accuracy measures one class \
+                 only",
+                "test folds 0, 1, 2, 3, 4, 5, 6, 7, 8 of 10 hold no different-person pairs: \
+                 their accuracy measures one class only",
+                "the training pairs for test fold 9 hold no different-person pairs: the \
+                 threshold fitted on them can only accept or reject everything",
+            ]
+        );
     }
 
     #[test]

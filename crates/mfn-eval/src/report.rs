@@ -30,6 +30,20 @@ pub struct Report {
     pub tar_at_far: Vec<TarAtFar>,
 }
 
+impl Report {
+    /// The k-fold warnings (see [`KFoldReport::warnings`]), once each: both protocols
+    /// share the folds, so they warn alike.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for w in self.insightface.warnings.iter().chain(&self.exact.warnings) {
+            if !out.contains(w) {
+                out.push(w.clone());
+            }
+        }
+        out
+    }
+}
+
 /// Runs both k-fold protocols, the ROC analysis and TAR@FAR for every entry of `fars`.
 ///
 /// # Errors
@@ -130,6 +144,24 @@ mod tests {
         );
         assert!((back.exact.mean - r.exact.mean).abs() < 1e-15);
         assert!((back.auc - r.auc).abs() < 1e-15);
+    }
+
+    #[test]
+    fn warnings_come_once_from_both_protocols() {
+        assert!(evaluate(&lfw_like(), &[]).unwrap().warnings().is_empty());
+        // Two folds, each one class.
+        let p = PairScores::contiguous_folds(
+            vec![0.9, 0.8, 0.1, 0.2],
+            vec![true, true, false, false],
+            2,
+        )
+        .unwrap();
+        let r = evaluate(&p, &[]).unwrap();
+        assert_eq!(r.warnings().len(), 4);
+        assert_eq!(r.warnings(), r.exact.warnings);
+        let json = serde_json::to_string(&r).unwrap();
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.warnings(), r.warnings());
     }
 
     #[test]

@@ -5,6 +5,14 @@
 //! and whose metadata holds the config as JSON under `mfn.config`, with `mfn.format`
 //! marking the file. Other string metadata (such as `mfn.threshold`, a verification
 //! threshold) travels along untouched.
+//!
+//! Every file is untrusted. Whatever the format, a loaded checkpoint has passed
+//! [`Checkpoint::check`]: its config is valid ([`Config::validate`]), every weight the
+//! config needs is there with its shape, and every value is finite. A native file's header
+//! is checked before any tensor is read: at most [`MAX_HEADER_BYTES`] of header and
+//! [`MAX_CONFIG_BYTES`] of config, only floating-point tensors, exactly the config's
+//! weights (plus a training checkpoint's state, [`TRAIN_HEAD_WEIGHT`] and
+//! [`TRAIN_STATE_PREFIX`]`*`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -23,6 +31,15 @@ pub const CONFIG_KEY: &str = "mfn.config";
 pub const FORMAT_KEY: &str = "mfn.format";
 /// The value of [`FORMAT_KEY`] this version writes and reads.
 pub const FORMAT_VERSION: &str = "mobilefacenet/1";
+/// Largest safetensors header (tensor list and metadata) a native file may have: 16 MiB.
+pub const MAX_HEADER_BYTES: u64 = 16 << 20;
+/// Largest config JSON (`mfn.config`) a native file may hold: 1 MiB.
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+/// The one tensor besides the model's that a native file may hold outside
+/// [`TRAIN_STATE_PREFIX`]: a training checkpoint's margin head.
+pub const TRAIN_HEAD_WEIGHT: &str = "head.weight";
+/// Prefix of a training checkpoint's optimiser state tensors, which a native file may hold.
+pub const TRAIN_STATE_PREFIX: &str = "optim.";
 
 /// A config, its weights by checkpoint name, and free-form metadata.
 #[derive(Clone, Debug)]
@@ -43,13 +60,55 @@ impl Checkpoint {
     /// [`Config::y1`] when `None`), an ONNX model (matched against `mxnet_config`, or
     /// against the presets when `None`), or a PyTorch `.pt`/`.pth` state dict in a known
     /// layout (see [`crate::import::torch::TorchLayout`]).
+    ///
+    /// The file must be a regular file (not a FIFO or a device, after following links) of at
+    /// most [`crate::import::MAX_FILE_BYTES`]. What is loaded has passed
+    /// [`Checkpoint::check`]: a bad config, a missing or mis-shaped weight or a value that
+    /// is not finite is an error naming the file.
     pub fn load(path: &Path, mxnet_config: Option<&Config>, device: &Device) -> Result<Self> {
-        if !path.exists() {
-            return Err(Error::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-            });
+        if let Some(c) = mxnet_config {
+            c.validate().map_err(|e| e.in_file(path))?;
         }
+        crate::import::check_regular_file(path, crate::import::MAX_FILE_BYTES)?;
+        let ckpt = Self::load_unchecked(path, mxnet_config, device)?;
+        ckpt.check()?;
+        Ok(ckpt)
+    }
+
+    /// A native file's bytes, as [`Checkpoint::load`] reads a `.safetensors` file; `path`
+    /// names it in errors and becomes [`Checkpoint::source`].
+    pub fn from_native_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Self> {
+        let ckpt = native_from_bytes(bytes, path, device)?;
+        ckpt.check()?;
+        Ok(ckpt)
+    }
+
+    /// Checks that the checkpoint can be built: its config passes [`Config::validate`],
+    /// every weight the config needs is present with its shape, every tensor (extra ones
+    /// too) holds only finite values, and every BatchNorm variance plus its eps is positive.
+    /// Errors name [`Checkpoint::source`] and the first offending tensor.
+    pub fn check(&self) -> Result<()> {
+        check_weights(&self.config, &self.tensors, &self.source)?;
+        let needed: std::collections::HashSet<String> = self
+            .config
+            .plan()
+            .weights()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let mut extra: Vec<&String> = self
+            .tensors
+            .keys()
+            .filter(|n| !needed.contains(*n))
+            .collect();
+        extra.sort();
+        for name in extra {
+            check_finite(name, &self.tensors[name], &self.source)?;
+        }
+        Ok(())
+    }
+
+    fn load_unchecked(path: &Path, mxnet_config: Option<&Config>, device: &Device) -> Result<Self> {
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         match ext {
             "safetensors" => load_native(path, device),
@@ -95,15 +154,16 @@ impl Checkpoint {
         }
     }
 
-    /// Builds the network on `device`.
+    /// Builds the network on `device`, after [`Checkpoint::check`].
     pub fn build(&self, device: &Device) -> Result<MobileFaceNet> {
+        self.check()?;
         let tensors = self
             .tensors
             .iter()
             .map(|(k, v)| Ok((k.clone(), v.to_device(device)?.to_dtype(DType::F32)?)))
             .collect::<candle_core::Result<HashMap<_, _>>>()?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        MobileFaceNet::new(&self.config, vb)
+        MobileFaceNet::new(&self.config, vb).map_err(|e| e.in_file(&self.source))
     }
 
     /// Builds the network on `device` with its folded inference path in `dtype` (f32, f16
@@ -143,20 +203,30 @@ impl Checkpoint {
             .collect::<candle_core::Result<_>>()?;
         let bytes = safetensors::serialize(data, Some(meta))
             .map_err(|e| native_err(format!("cannot serialise: {e}")))?;
-        let tmp = path.with_extension("safetensors.partial");
+        // One temporary name per process and call, so that concurrent writers of one path
+        // never share (or delete) each other's file.
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("safetensors.{}-{seq}.partial", std::process::id()));
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| Error::Io { path, source }
         };
         // Written in full and flushed to disk before the rename, so that a crash leaves
-        // either the old file or the new one, never a torn one.
-        {
+        // either the old file or the new one, never a torn one; a failed write leaves
+        // neither a partial file nor a changed old one.
+        let written = (|| {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
             f.write_all(&bytes).map_err(io(&tmp))?;
             f.sync_all().map_err(io(&tmp))?;
+            drop(f);
+            std::fs::rename(&tmp, path).map_err(io(path))
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
-        std::fs::rename(&tmp, path).map_err(io(path))?;
+        written?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // Persist the rename itself; not every platform can open a directory.
             if let Ok(d) = std::fs::File::open(dir) {
@@ -168,15 +238,33 @@ impl Checkpoint {
 }
 
 fn load_native(path: &Path, device: &Device) -> Result<Checkpoint> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = crate::import::read_regular_file(path, crate::import::MAX_FILE_BYTES)?;
+    native_from_bytes(&bytes, path, device)
+}
+
+/// Whether a tensor outside the config's weights belongs to a training checkpoint.
+fn is_training_state(name: &str) -> bool {
+    name == TRAIN_HEAD_WEIGHT || name.starts_with(TRAIN_STATE_PREFIX)
+}
+
+fn native_from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Checkpoint> {
     let bad = |message: String| Error::Native {
         path: path.to_path_buf(),
         message,
     };
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+    let header_len = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+        .ok_or_else(|| bad("not a safetensors file: shorter than its 8-byte header size".into()))?;
+    if header_len > MAX_HEADER_BYTES {
+        return Err(bad(format!(
+            "a safetensors header of {header_len} bytes, more than the {MAX_HEADER_BYTES} a model needs"
+        )));
+    }
+    // The safetensors reader checks the header (UTF-8 JSON, at most its own cap) and that
+    // every tensor's offsets, shape and dtype agree and tile the data exactly, with
+    // checked arithmetic, before anything is allocated for the data.
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let mut meta: BTreeMap<String, String> = header
         .metadata()
@@ -196,13 +284,78 @@ fn load_native(path: &Path, device: &Device) -> Result<Checkpoint> {
     let config_json = meta
         .remove(CONFIG_KEY)
         .ok_or_else(|| bad(format!("no `{CONFIG_KEY}` metadata")))?;
+    if config_json.len() > MAX_CONFIG_BYTES {
+        return Err(bad(format!(
+            "`{CONFIG_KEY}` is {} bytes, more than the {MAX_CONFIG_BYTES} a config needs",
+            config_json.len()
+        )));
+    }
     let config: Config = serde_json::from_str(&config_json)
         .map_err(|e| bad(format!("bad `{CONFIG_KEY}` metadata: {e}")))?;
-    // Validate the whole file (offsets, sizes) before trusting any tensor in it.
-    safetensors::SafeTensors::deserialize(&bytes)
+    config.validate().map_err(|e| e.in_file(path))?;
+    // The tensor list against the config, from the header alone: nothing is converted
+    // before every name, shape and dtype is known to be right.
+    let infos = header.tensors();
+    let float = |name: &str, dtype: safetensors::Dtype| {
+        use safetensors::Dtype as D;
+        if matches!(dtype, D::F32 | D::F16 | D::BF16 | D::F64) {
+            Ok(())
+        } else {
+            Err(Error::BadWeight {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+                message: format!("dtype {dtype:?} is not floating point (f32, f16, bf16, f64)"),
+            })
+        }
+    };
+    let weights = config.plan().weights();
+    for (name, shape) in &weights {
+        let info = infos.get(name).ok_or_else(|| Error::MissingWeight {
+            path: path.to_path_buf(),
+            name: name.clone(),
+        })?;
+        if info.shape != *shape {
+            return Err(Error::WeightShape {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                expected: shape.clone(),
+                found: info.shape.clone(),
+            });
+        }
+        float(name, info.dtype)?;
+    }
+    let needed: std::collections::HashSet<&str> = weights.iter().map(|(n, _)| n.as_str()).collect();
+    let mut extra: Vec<(&String, &&safetensors::tensor::TensorInfo)> = infos
+        .iter()
+        .filter(|(n, _)| !needed.contains(n.as_str()))
+        .collect();
+    extra.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, info) in extra {
+        if !is_training_state(name) {
+            return Err(Error::BadWeight {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                message: format!(
+                    "not a weight of config `{}` (nor training state)",
+                    config.name
+                ),
+            });
+        }
+        float(name, info.dtype)?;
+    }
+    use candle_core::safetensors::Load;
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device)?;
-    check_weights(&config, &tensors, path)?;
+    let tensors = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let t = view
+                .load(device)
+                .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+            Ok((name, t))
+        })
+        .collect::<Result<HashMap<_, _>>>()?;
     Ok(Checkpoint {
         config,
         tensors,
@@ -211,13 +364,62 @@ fn load_native(path: &Path, device: &Device) -> Result<Checkpoint> {
     })
 }
 
-/// Checks that `tensors` holds every weight `config` needs, each with its shape.
+/// The first value of `t` that is not finite, as an error naming `name` and `path`.
+fn check_finite(name: &str, t: &Tensor, path: &Path) -> Result<()> {
+    for_each_value(name, t, path, |index, value| {
+        if value.is_finite() {
+            Ok(())
+        } else {
+            Err(Error::NonFinite {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+                index,
+                value,
+            })
+        }
+    })
+}
+
+/// Runs `f` on every value of `t` as `f32`, in row-major order.
+fn for_each_value(
+    name: &str,
+    t: &Tensor,
+    path: &Path,
+    mut f: impl FnMut(usize, f32) -> Result<()>,
+) -> Result<()> {
+    let values: Vec<f32> = t
+        .flatten_all()
+        .and_then(|t| t.to_dtype(DType::F32))
+        .and_then(|t| t.to_vec1())
+        .map_err(|e| Error::BadWeight {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            message: format!("cannot read its values: {e}"),
+        })?;
+    for (i, v) in values.into_iter().enumerate() {
+        f(i, v)?;
+    }
+    Ok(())
+}
+
+/// Checks that `config` is valid and that `tensors` holds every weight it needs, each with
+/// its shape, finite, and each BatchNorm variance above minus its eps.
 pub(crate) fn check_weights(
     config: &Config,
     tensors: &HashMap<String, Tensor>,
     path: &Path,
 ) -> Result<()> {
-    for (name, shape) in config.plan().weights() {
+    config.validate().map_err(|e| e.in_file(path))?;
+    let plan = config.plan();
+    let mut eps: HashMap<String, f64> = plan
+        .convs()
+        .map(|c| (format!("{}_moving_var", c.bn_name()), c.bn_eps))
+        .collect();
+    eps.insert(
+        format!("{}_moving_var", crate::config::EmbeddingSpec::BN),
+        plan.embedding.bn_eps,
+    );
+    for (name, shape) in plan.weights() {
         let t = tensors.get(&name).ok_or_else(|| Error::MissingWeight {
             path: path.to_path_buf(),
             name: name.clone(),
@@ -230,6 +432,27 @@ pub(crate) fn check_weights(
                 found: t.dims().to_vec(),
             });
         }
+        let eps = eps.get(&name).map(|e| *e as f32);
+        for_each_value(&name, t, path, |index, value| {
+            if !value.is_finite() {
+                return Err(Error::NonFinite {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    index,
+                    value,
+                });
+            }
+            match eps {
+                Some(eps) if value + eps <= 0.0 => Err(Error::BadWeight {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    message: format!(
+                        "variance {value} at index {index} is not above -eps ({eps}): BatchNorm would take the square root of a negative number"
+                    ),
+                }),
+                _ => Ok(()),
+            }
+        })?;
     }
     Ok(())
 }

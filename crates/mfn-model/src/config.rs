@@ -3,6 +3,34 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::{Error, Result};
+
+/// The caps [`Config::validate`] enforces: well above every published MobileFaceNet (the
+/// largest preset, `mbf_large`, has 6.3M parameters, 1.8G multiply-adds and feature maps of
+/// at most 0.8M values at 112x112), low enough that no config read from a file can make
+/// building or running the network take unbounded memory or time: the weights stay under
+/// 200 MiB in `f32` and each image's activations under 4 x 32 MiB.
+pub mod limits {
+    /// Smallest input height or width, in pixels.
+    pub const MIN_INPUT: usize = 8;
+    /// Largest input height or width, in pixels (the feature-map cap binds first for
+    /// most networks: the paper's fits up to 448x448).
+    pub const MAX_INPUT: usize = 1024;
+    /// Most channels of any layer (stem, bottleneck inner and output widths, the conv
+    /// before the pooling, the reduce conv), and the largest embedding size.
+    pub const MAX_CHANNELS: usize = 8192;
+    /// Most bottleneck blocks, all table rows together (the presets have 15 to 29).
+    pub const MAX_BLOCKS: usize = 256;
+    /// Most learnable parameters, as [`crate::Config::complexity`] counts them: eight
+    /// times `mbf_large`.
+    pub const MAX_PARAMS: u64 = 50_000_000;
+    /// Most multiply-adds of one forward pass on one face: eleven times `mbf_large`.
+    pub const MAX_MACS: u64 = 20_000_000_000;
+    /// Most values in one feature map of one face (channels x height x width, the input
+    /// included): 32 MiB of `f32`, ten times `mbf_large`'s largest.
+    pub const MAX_ACTIVATION: u64 = 1 << 23;
+}
+
 /// How raw RGB pixels in `0..=255` become the network's input: `(x - mean[c]) * scale[c]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InputNorm {
@@ -368,14 +396,22 @@ impl Config {
     /// pooling, the channels of [`Pooling::ConvReduce`]) scaled by `mult` and rounded to a
     /// multiple of 8 (at least 8), as MobileNets' width multiplier; the embedding size
     /// stays. `mult` of 0.25 to 0.5 gives networks that train in minutes on a CPU.
+    ///
+    /// A `mult` so large that the widths pass [`limits::MAX_CHANNELS`] gives a config that
+    /// [`Config::validate`] (and so [`crate::MobileFaceNet::new`]) refuses.
     pub fn with_width(&self, mult: f64) -> Self {
-        let scale = |c: usize| (((c as f64 * mult) / 8.0).round() as usize * 8).max(8);
+        // `as` saturates (NaN gives 0, infinity usize::MAX), and so does the product.
+        let scale = |c: usize| {
+            (((c as f64 * mult) / 8.0).round() as usize)
+                .saturating_mul(8)
+                .max(8)
+        };
         let mut c = self.clone();
         c.name = format!("{}-x{mult}", self.name);
         c.stem_channels = scale(self.stem_channels);
         if let Some(g) = self.stem_groups {
             // Keep the channels per group; fewer groups.
-            let per_group = self.stem_channels / g;
+            let per_group = self.stem_channels / g.max(1);
             c.stem_groups = Some((c.stem_channels / per_group.max(1)).max(1));
         }
         c.blocks = self
@@ -394,6 +430,195 @@ impl Config {
             };
         }
         c
+    }
+
+    /// Checks that the config describes a network this crate can build and run within
+    /// bounded memory and time, before anything is sized from it: every width, group count,
+    /// expansion, repeat count and the embedding size non-zero; strides 1 or 2; the groups
+    /// after the stem dividing its channels; the input size within
+    /// [`limits::MIN_INPUT`]`..=`[`limits::MAX_INPUT`]; finite, positive BatchNorm eps;
+    /// a finite input normalisation with non-zero scales; and the caps of [`limits`] on
+    /// channels, blocks, parameters, multiply-adds and feature-map size, computed with
+    /// checked arithmetic so that no count overflows or allocates on the way.
+    ///
+    /// Configs read from files are checked when they are read ([`crate::Checkpoint::load`]
+    /// and the importers), and [`crate::MobileFaceNet::new`] checks every config it builds.
+    pub fn validate(&self) -> Result<()> {
+        use limits::*;
+        let bad = |message: String| Error::Config {
+            path: None,
+            message,
+        };
+        let width = |field: &str, v: usize| {
+            if v == 0 || v > MAX_CHANNELS {
+                Err(bad(format!("`{field}` is {v}, not in 1..={MAX_CHANNELS}")))
+            } else {
+                Ok(())
+            }
+        };
+        for (i, d) in self.input_size.iter().enumerate() {
+            if !(MIN_INPUT..=MAX_INPUT).contains(d) {
+                return Err(bad(format!(
+                    "`input_size[{i}]` is {d}, not in {MIN_INPUT}..={MAX_INPUT}"
+                )));
+            }
+        }
+        for i in 0..3 {
+            let (m, s) = (self.input_norm.mean[i], self.input_norm.scale[i]);
+            if !m.is_finite() {
+                return Err(bad(format!("`input_norm.mean[{i}]` is {m}, not finite")));
+            }
+            if !s.is_finite() || s == 0.0 {
+                return Err(bad(format!(
+                    "`input_norm.scale[{i}]` is {s}, not a finite non-zero number"
+                )));
+            }
+        }
+        for (field, eps) in [("bn_eps", self.bn_eps), ("head.bn_eps", self.head.bn_eps)] {
+            if !(eps.is_finite() && eps > 0.0) {
+                return Err(bad(format!(
+                    "`{field}` is {eps}, not a finite positive number"
+                )));
+            }
+        }
+        width("stem_channels", self.stem_channels)?;
+        if let Some(g) = self.stem_groups {
+            if g == 0 || self.stem_channels % g != 0 {
+                return Err(bad(format!(
+                    "`stem_groups` is {g}, which does not divide `stem_channels` {}",
+                    self.stem_channels
+                )));
+            }
+        }
+        let mut total = 0usize;
+        let mut cin = self.stem_channels;
+        for (i, row) in self.blocks.iter().enumerate() {
+            if row.n == 0 || row.n > MAX_BLOCKS {
+                return Err(bad(format!(
+                    "`blocks[{i}].n` is {}, not in 1..={MAX_BLOCKS}",
+                    row.n
+                )));
+            }
+            total += row.n;
+            if total > MAX_BLOCKS {
+                return Err(bad(format!(
+                    "the bottleneck table holds more than {MAX_BLOCKS} blocks"
+                )));
+            }
+            width(&format!("blocks[{i}].c"), row.c)?;
+            if row.s != 1 && row.s != 2 {
+                return Err(bad(format!("`blocks[{i}].s` is {}, not 1 or 2", row.s)));
+            }
+            match row.hidden {
+                Some(h) => width(&format!("blocks[{i}].hidden"), h)?,
+                None => {
+                    // The first block expands the row's input, the others its output.
+                    let widest = if row.n > 1 { cin.max(row.c) } else { cin };
+                    match widest.checked_mul(row.t) {
+                        Some(h) if h > 0 && h <= MAX_CHANNELS => {}
+                        _ => {
+                            return Err(bad(format!(
+                                "`blocks[{i}].t` is {}: {widest} x {} inner channels is not in 1..={MAX_CHANNELS}",
+                                row.t, row.t
+                            )))
+                        }
+                    }
+                }
+            }
+            cin = row.c;
+        }
+        width("last_channels", self.last_channels)?;
+        if self.embedding_size == 0 || self.embedding_size > MAX_CHANNELS {
+            return Err(bad(format!(
+                "`embedding_size` is {}, not in 1..={MAX_CHANNELS}",
+                self.embedding_size
+            )));
+        }
+        if let Pooling::ConvReduce { channels } = self.head.pool {
+            width("head.pool.conv_reduce.channels", channels)?;
+        }
+        let [h, w] = self.gdconv_kernel();
+        if h == 0 || w == 0 {
+            return Err(bad(format!(
+                "input {:?} leaves an empty {h}x{w} map for the head",
+                self.input_size
+            )));
+        }
+        // Everything above bounds the plan: at most MAX_BLOCKS blocks of bounded widths.
+        let totals = self.checked_totals().ok_or_else(|| {
+            bad(format!(
+                "the network is too large to count (over {MAX_PARAMS} parameters)"
+            ))
+        })?;
+        if totals.params > MAX_PARAMS {
+            return Err(bad(format!(
+                "{} parameters, more than the cap of {MAX_PARAMS}",
+                totals.params
+            )));
+        }
+        if totals.macs > MAX_MACS {
+            return Err(bad(format!(
+                "{} multiply-adds per face, more than the cap of {MAX_MACS}",
+                totals.macs
+            )));
+        }
+        if totals.activation > MAX_ACTIVATION {
+            return Err(bad(format!(
+                "a feature map of {} values, more than the cap of {MAX_ACTIVATION}",
+                totals.activation
+            )));
+        }
+        Ok(())
+    }
+
+    /// Parameters, multiply-adds and the largest feature map, `None` on overflow. Only
+    /// called once the widths and block count are bounded, so the plan itself is small.
+    fn checked_totals(&self) -> Option<Totals> {
+        let plan = self.plan();
+        let mut t = Totals {
+            params: 0,
+            macs: 0,
+            activation: 3u64
+                .checked_mul(self.input_size[0] as u64)?
+                .checked_mul(self.input_size[1] as u64)?,
+        };
+        let mut hw = self.input_size;
+        for conv in plan.convs() {
+            if conv.groups == 0
+                || conv.stride == 0
+                || conv.in_channels % conv.groups != 0
+                || conv.out_channels % conv.groups != 0
+            {
+                return None;
+            }
+            hw = [
+                conv_out(hw[0], conv.kernel[0], conv.stride, conv.pad[0]),
+                conv_out(hw[1], conv.kernel[1], conv.stride, conv.pad[1]),
+            ];
+            let pixels = (hw[0] as u64).checked_mul(hw[1] as u64)?;
+            let weights = (conv.out_channels as u64)
+                .checked_mul((conv.in_channels / conv.groups) as u64)?
+                .checked_mul(conv.kernel[0] as u64)?
+                .checked_mul(conv.kernel[1] as u64)?;
+            t.macs = t.macs.checked_add(weights.checked_mul(pixels)?)?;
+            let per_channel = if conv.has_prelu() { 3 } else { 2 };
+            t.params = t
+                .params
+                .checked_add(weights)?
+                .checked_add(per_channel * conv.out_channels as u64)?;
+            t.activation = t
+                .activation
+                .max((conv.out_channels as u64).checked_mul(pixels)?);
+        }
+        let e = &plan.embedding;
+        let fc = (e.in_features as u64).checked_mul(e.out_features as u64)?;
+        t.macs = t.macs.checked_add(fc)?;
+        let per_feature = if e.bias { 3 } else { 2 };
+        t.params = t
+            .params
+            .checked_add(fc)?
+            .checked_add(per_feature * e.out_features as u64)?;
+        Some(t)
     }
 
     /// A preset by name: one of [`Config::PRESETS`].
@@ -567,6 +792,14 @@ impl Config {
         total.params += 2 * e.out_features as u64;
         total
     }
+}
+
+/// What [`Config::validate`] bounds.
+struct Totals {
+    params: u64,
+    macs: u64,
+    /// Values in the largest feature map (the input included) of one face.
+    activation: u64,
 }
 
 /// Output size of a convolution along one axis.
@@ -835,6 +1068,95 @@ mod tests {
         assert!(!plan.blocks[0].residual && plan.blocks[1].residual);
         assert!(plan.blocks[6].residual, "res_4_block0 keeps 128 channels");
         assert_eq!(plan.blocks[5].expand.out_channels, 256);
+    }
+
+    fn refused(c: &Config, what: &str) {
+        match c.validate() {
+            Err(Error::Config {
+                path: None,
+                message,
+            }) => {
+                assert!(message.contains(what), "{what}: {message}")
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn validate_accepts_the_presets_and_their_widths() {
+        for name in Config::PRESETS {
+            let c = Config::preset(name).unwrap();
+            c.validate().unwrap();
+            c.with_width(0.25).validate().unwrap();
+            let t = c.checked_totals().unwrap();
+            assert_eq!(t.params, c.complexity().params, "{name}");
+            assert_eq!(t.macs, c.complexity().macs, "{name}");
+        }
+    }
+
+    #[test]
+    fn validate_refuses_before_anything_is_sized() {
+        // Each of these would divide by zero, overflow or allocate without bound in
+        // `plan`, `weights` or `complexity`.
+        let mut c = Config::y1();
+        c.blocks[0].n = usize::MAX;
+        refused(&c, "`blocks[0].n`");
+        let mut c = Config::y1();
+        c.blocks[2].t = usize::MAX;
+        refused(&c, "`blocks[2].t`");
+        let mut c = Config::mbf();
+        c.stem_groups = Some(0);
+        refused(&c, "`stem_groups`");
+        let mut c = Config::mbf_large();
+        c.blocks[0].hidden = Some(0);
+        refused(&c, "`blocks[0].hidden`");
+        let mut c = Config::y1();
+        c.blocks = vec![Bottleneck::new(1, 8, limits::MAX_BLOCKS, 1); 2];
+        refused(&c, "more than 256 blocks");
+        let mut c = Config::y1();
+        c.input_norm.scale[2] = f32::INFINITY;
+        refused(&c, "`input_norm.scale[2]`");
+        c.input_norm.scale[2] = 1.0;
+        c.input_norm.mean[0] = f32::NAN;
+        refused(&c, "`input_norm.mean[0]`");
+        let mut c = Config::y1();
+        c.head.bn_eps = f64::NAN;
+        refused(&c, "`head.bn_eps`");
+        let mut c = Config::y1();
+        c.input_size = [7, 112];
+        refused(&c, "`input_size[0]`");
+    }
+
+    #[test]
+    fn validate_caps_parameters_work_and_feature_maps() {
+        let mut c = Config::y1();
+        c.embedding_size = limits::MAX_CHANNELS;
+        c.last_channels = limits::MAX_CHANNELS;
+        c.head.pool = Pooling::ConvReduce {
+            channels: limits::MAX_CHANNELS,
+        };
+        refused(&c, "parameters");
+        // A wide stem on a large input: few parameters, a huge first map.
+        let mut c = Config::paper();
+        c.input_size = [1024, 1024];
+        c.stem = StemKind::ConvOnly;
+        c.stem_channels = 512;
+        c.blocks = vec![Bottleneck::with_hidden(8, 8, 1, 2)];
+        c.last_channels = 8;
+        refused(&c, "feature map");
+        c.input_size = [256, 256];
+        c.stem_channels = 64;
+        c.validate().unwrap();
+        // The paper's network fits up to 448x448, then its maps are too large.
+        let mut c = Config::paper();
+        c.input_size = [448, 448];
+        c.validate().unwrap();
+        c.input_size = [limits::MAX_INPUT; 2];
+        refused(&c, "feature map");
+        // Six times wider at 224x224: within the parameter cap, past the work cap.
+        let mut c = Config::paper().with_width(6.0);
+        c.input_size = [224, 224];
+        refused(&c, "multiply-adds");
     }
 
     #[test]

@@ -12,6 +12,16 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A path names something no model is read from: not a regular file (a folder, a FIFO,
+    /// a device), or larger than a model file may be.
+    #[error("{path}: {message}")]
+    File {
+        /// The path.
+        path: PathBuf,
+        /// What it is.
+        message: String,
+    },
+
     /// An MXNet `.params` file is malformed or truncated.
     #[error("{path}: at byte offset {offset}: {message}")]
     Params {
@@ -85,6 +95,42 @@ pub enum Error {
         found: Vec<usize>,
     },
 
+    /// A config describes no network this crate builds: a zero width or group count, a
+    /// stride other than 1 or 2, a group count that does not divide its channels, a
+    /// non-finite eps or input scaling, or a size past the caps of [`crate::config::limits`].
+    #[error("{}config: {message}", path_prefix(.path))]
+    Config {
+        /// The file the config came from, when it came from one.
+        path: Option<PathBuf>,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+
+    /// A weight holds a value that is not finite (NaN or infinite).
+    #[error("{path}: weight `{name}` is not finite: {value} at index {index}")]
+    NonFinite {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The weight's name.
+        name: String,
+        /// Row-major index of the first such value.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+
+    /// A weight is present but unusable: an unexpected tensor, a dtype that is not
+    /// floating point, a variance below `-eps`.
+    #[error("{path}: weight `{name}`: {message}")]
+    BadWeight {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The weight's name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+
     /// A native safetensors file is malformed or lacks its metadata.
     #[error("{path}: {message}")]
     Native {
@@ -106,6 +152,29 @@ pub enum Error {
     /// The tensor library failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+fn path_prefix(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map(|p| format!("{}: ", p.display()))
+        .unwrap_or_default()
+}
+
+impl Error {
+    /// The error with `path` as the file it concerns, where it names none yet (a config
+    /// checked before the file it came from was known).
+    pub fn in_file(self, path: &std::path::Path) -> Self {
+        match self {
+            Error::Config {
+                path: None,
+                message,
+            } => Error::Config {
+                path: Some(path.to_path_buf()),
+                message,
+            },
+            other => other,
+        }
+    }
 }
 
 /// Shorthand for results of this crate.

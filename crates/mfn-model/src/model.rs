@@ -38,7 +38,9 @@ pub struct MobileFaceNet {
 impl MobileFaceNet {
     /// Builds the network, reading weights by their checkpoint names from `vb`. A
     /// `VarBuilder` over a fresh `VarMap` gives a randomly initialised, trainable network.
+    /// The config must pass [`Config::validate`].
     pub fn new(config: &Config, vb: VarBuilder) -> Result<Self> {
+        config.validate()?;
         let plan: Plan = config.plan();
         let device = vb.device().clone();
         let norm = |v: [f32; 3]| Tensor::from_slice(&v, (1, 3, 1, 1), &device);

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod atomic;
 pub mod data;
 mod error;
 pub mod eval;
@@ -13,4 +14,4 @@ pub use error::{Error, Result};
 pub use eval::{EvalResult, EvalSet};
 pub use optim::{Optimizer, OptimizerKind, ParamGroup, WeightDecay};
 pub use schedule::{Decay, LrSchedule};
-pub use trainer::{Budget, Event, StepMetrics, TrainConfig, Trainer};
+pub use trainer::{Budget, DataSettings, Event, SavedRun, StepMetrics, TrainConfig, Trainer};

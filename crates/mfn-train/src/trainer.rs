@@ -27,6 +27,8 @@ use crate::{Error, Result};
 pub const TRAIN_CONFIG_KEY: &str = "mfn.train.config";
 /// Metadata key of the number of steps done.
 pub const TRAIN_STEP_KEY: &str = "mfn.train.step";
+/// Metadata key of the run's data settings ([`DataSettings`]), when it has them.
+pub const TRAIN_DATA_KEY: &str = "mfn.train.data";
 /// Name of the margin head's centres in a training checkpoint.
 pub const HEAD_WEIGHT: &str = "head.weight";
 /// Prefix of the optimiser's state tensors in a training checkpoint.
@@ -62,6 +64,26 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Checkpoint every this many steps (0: only at the end).
     pub save_every: usize,
+}
+
+/// The data settings of a run, as its command line gave them ([`Trainer::set_data`]): the
+/// loop does not read them, a checkpoint carries them (under [`TRAIN_DATA_KEY`]) so that
+/// a resume finds the same classes and evaluation sets.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DataSettings {
+    /// The training images (a folder or a `.rec` file), as an absolute path.
+    pub path: Option<PathBuf>,
+    /// Identities with fewer images were left out.
+    pub min_images: usize,
+    /// Identities held out of training and scored as all-pairs sets.
+    pub hold_out: Option<usize>,
+    /// insightface `.bin` sets scored during training.
+    pub eval_bins: Vec<PathBuf>,
+    /// An LFW-style pairs file scored during training.
+    pub eval_pairs: Option<PathBuf>,
+    /// The images `eval_pairs` names.
+    pub eval_images: Option<PathBuf>,
 }
 
 impl TrainConfig {
@@ -143,6 +165,19 @@ pub struct Trainer {
     optimizer: Optimizer,
     step: usize,
     device: Device,
+    data: Option<DataSettings>,
+}
+
+/// What a training checkpoint says about its run, read from its header alone
+/// ([`Trainer::saved_settings`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SavedRun {
+    /// The run's settings.
+    pub config: TrainConfig,
+    /// Steps done.
+    pub step: usize,
+    /// Where its data came from, if recorded.
+    pub data: Option<DataSettings>,
 }
 
 /// Standard deviation of the seeded initial weights: He for convs, `1/sqrt(fan_in)` for
@@ -207,30 +242,61 @@ impl Trainer {
             optimizer,
             step: 0,
             device: device.clone(),
+            data: None,
         })
     }
 
     /// Continues a run from a checkpoint written by [`Trainer::save`]: weights, head,
-    /// optimiser state, step and settings.
+    /// optimiser state, step and settings. The settings must describe the tensors the file
+    /// holds (the head's shape, the network's size), so that a damaged or hostile file
+    /// cannot make this allocate more than the file itself holds.
     pub fn resume(path: &Path, device: &Device) -> Result<Self> {
         let ckpt = Checkpoint::load(path, None, device)?;
         let bad = |message: String| Error::Checkpoint {
             path: path.to_path_buf(),
             message,
         };
-        let config: TrainConfig =
-            serde_json::from_str(ckpt.metadata.get(TRAIN_CONFIG_KEY).ok_or_else(|| {
-                bad(format!(
-                    "no `{TRAIN_CONFIG_KEY}`: not a training checkpoint"
-                ))
-            })?)
-            .map_err(|e| bad(format!("bad `{TRAIN_CONFIG_KEY}`: {e}")))?;
-        let step: usize = ckpt
-            .metadata
-            .get(TRAIN_STEP_KEY)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad(format!("no valid `{TRAIN_STEP_KEY}`")))?;
+        let SavedRun { config, step, data } = settings_from(&ckpt.metadata, path)?;
         config.validate()?;
+        if config.model != ckpt.config {
+            return Err(bad(format!(
+                "its training settings and its model metadata describe different networks \
+                 (`{}`, `{}`)",
+                config.model.name, ckpt.config.name
+            )));
+        }
+        let rows = config
+            .classes
+            .checked_mul(config.sub_centers)
+            .ok_or_else(|| bad("its class count overflows".into()))?;
+        let want = [rows, config.model.embedding_size];
+        match ckpt.tensors.get(HEAD_WEIGHT) {
+            Some(t) if t.dims() == want => {}
+            Some(t) => {
+                return Err(bad(format!(
+                    "`{HEAD_WEIGHT}` has shape {:?}, its settings ({} classes x {} centres of \
+                     {}) need {want:?}",
+                    t.dims(),
+                    config.classes,
+                    config.sub_centers,
+                    config.model.embedding_size
+                )))
+            }
+            None => return Err(bad(format!("no tensor `{HEAD_WEIGHT}`"))),
+        }
+        let stored: usize = ckpt
+            .tensors
+            .iter()
+            .filter(|(k, _)| !k.starts_with(OPTIM_PREFIX) && k.as_str() != HEAD_WEIGHT)
+            .map(|(_, t)| t.elem_count())
+            .sum();
+        let params = config.model.complexity().params;
+        if params > stored as u64 {
+            return Err(bad(format!(
+                "its network `{}` has {params} parameters, the file holds {stored} values",
+                config.model.name
+            )));
+        }
         let vars = VarMap::new();
         let (model, head) = build(&config, &vars, device)?;
         let (optim, weights): (HashMap<_, _>, HashMap<_, _>) = ckpt
@@ -254,7 +320,46 @@ impl Trainer {
             optimizer,
             step,
             device: device.clone(),
+            data,
         })
+    }
+
+    /// The settings, step and data settings of a training checkpoint, read from its header
+    /// only (no tensor is loaded): what a resume will continue, for checking its data first.
+    pub fn saved_settings(path: &Path) -> Result<SavedRun> {
+        let metadata = header_metadata(path)?;
+        settings_from(&metadata, path)
+    }
+
+    /// Sets the number of steps of the whole run (the learning-rate schedule then spans
+    /// them): extends a resumed run, or shortens one that has not got there yet.
+    pub fn set_steps(&mut self, steps: usize) -> Result<()> {
+        if steps <= self.step {
+            return Err(Error::Config(format!(
+                "the run is at step {} already; {steps} steps would add none",
+                self.step
+            )));
+        }
+        self.config.steps = steps;
+        self.config.schedule.total_steps = steps;
+        Ok(())
+    }
+
+    /// Sets how often the loop evaluates and checkpoints (0: at the end only); they do
+    /// not change what it computes.
+    pub fn set_intervals(&mut self, eval_every: usize, save_every: usize) {
+        self.config.eval_every = eval_every;
+        self.config.save_every = save_every;
+    }
+
+    /// Sets the data settings recorded in later checkpoints.
+    pub fn set_data(&mut self, data: Option<DataSettings>) {
+        self.data = data;
+    }
+
+    /// The data settings recorded in checkpoints, if any.
+    pub fn data(&self) -> Option<&DataSettings> {
+        self.data.as_ref()
     }
 
     /// The run's settings.
@@ -341,14 +446,22 @@ impl Trainer {
             serde_json::to_string(&self.config).map_err(|e| Error::Config(e.to_string()))?,
         );
         metadata.insert(TRAIN_STEP_KEY.to_string(), self.step.to_string());
-        Checkpoint {
+        if let Some(d) = &self.data {
+            metadata.insert(
+                TRAIN_DATA_KEY.to_string(),
+                serde_json::to_string(d).map_err(|e| Error::Config(e.to_string()))?,
+            );
+        }
+        let ckpt = Checkpoint {
             config: self.config.model.clone(),
             tensors,
             metadata,
             source: path.to_path_buf(),
-        }
-        .save(path)?;
-        Ok(())
+        };
+        crate::atomic::write_with(path, |tmp| ckpt.save(tmp)).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     /// Trains up to the configured number of steps on `data`, evaluating on `eval` and
@@ -356,6 +469,10 @@ impl Trainer {
     /// the end. `budget` can end the loop early (still saving, evaluating and reporting as
     /// at the end); a later call, or [`Trainer::resume`], continues. `on_event` sees every
     /// step, evaluation and save.
+    ///
+    /// `{out}/metrics.jsonl` logs every step and evaluation. It is first cut to the lines of
+    /// the steps this trainer has done (none for a fresh run), so that a run resumed
+    /// from a checkpoint older than its log logs each step once.
     pub fn fit(
         &mut self,
         data: Arc<dyn Dataset + Send + Sync>,
@@ -382,7 +499,7 @@ impl Trainer {
             flip: self.config.flip,
             size: [w, h],
         };
-        let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"))?;
+        let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"), self.step)?;
         let batches = TrainBatches::new(data, plan, self.step, 2, self.device.clone())?;
         let first = self.step;
         let ckpt = out.join("last.safetensors");
@@ -428,6 +545,8 @@ impl Trainer {
                 last_tick = Instant::now();
             }
             if every(self.config.save_every) || end {
+                // The log on disk covers at least what the checkpoint holds.
+                metrics.sync()?;
                 self.save(&ckpt)?;
                 on_event(&Event::Saved {
                     step: self.step,
@@ -441,6 +560,69 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// The training settings, step and data settings in a checkpoint's metadata.
+fn settings_from(metadata: &BTreeMap<String, String>, path: &Path) -> Result<SavedRun> {
+    let bad = |message: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+    };
+    let config: TrainConfig =
+        serde_json::from_str(metadata.get(TRAIN_CONFIG_KEY).ok_or_else(|| {
+            bad(format!(
+                "no `{TRAIN_CONFIG_KEY}`: not a training checkpoint"
+            ))
+        })?)
+        .map_err(|e| bad(format!("bad `{TRAIN_CONFIG_KEY}`: {e}")))?;
+    let step: usize = metadata
+        .get(TRAIN_STEP_KEY)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad(format!("no valid `{TRAIN_STEP_KEY}`")))?;
+    let data = metadata
+        .get(TRAIN_DATA_KEY)
+        .map(|d| serde_json::from_str(d))
+        .transpose()
+        .map_err(|e| bad(format!("bad `{TRAIN_DATA_KEY}`: {e}")))?;
+    Ok(SavedRun { config, step, data })
+}
+
+/// The string metadata of a safetensors file, from its header alone.
+fn header_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
+    use std::io::Read;
+    // safetensors' own bound on the header.
+    const MAX_HEADER: u64 = 100_000_000;
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bad = |message: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+    };
+    // Checked before opening: opening a FIFO for reading blocks until a writer comes.
+    mfn_model::import::check_regular_file(path, mfn_model::import::MAX_FILE_BYTES)?;
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let mut size = [0u8; 8];
+    file.read_exact(&mut size)
+        .map_err(|_| bad(format!("{len} bytes: not a safetensors file")))?;
+    let n = u64::from_le_bytes(size);
+    if n > MAX_HEADER || n > len.saturating_sub(8) {
+        return Err(bad(format!(
+            "its header claims {n} bytes, the file has {len}: not a safetensors file"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    #[derive(Deserialize)]
+    struct Header {
+        #[serde(rename = "__metadata__", default)]
+        metadata: BTreeMap<String, String>,
+    }
+    let h: Header = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("not a safetensors header: {e}")))?;
+    Ok(h.metadata)
 }
 
 fn poisoned() -> Error {
@@ -505,22 +687,36 @@ fn set_vars(
     Ok(())
 }
 
-/// A JSON-lines file of metrics, appended to (a resumed run continues it).
+/// A JSON-lines file of metrics, appended to as the run goes. A run that starts or resumes
+/// at step `s` first cuts it to the lines of steps up to `s` (none for a fresh run), so
+/// that steps a killed run logged after its last checkpoint, and run again now, appear
+/// once; the cut is an atomic replacement.
 struct MetricsLog {
     file: std::fs::File,
     path: PathBuf,
 }
 
 impl MetricsLog {
-    fn open(path: &Path) -> Result<Self> {
+    fn open(path: &Path, step: usize) -> Result<Self> {
+        let io = |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        match std::fs::read(path) {
+            Ok(old) => {
+                let kept = kept_lines(&old, step);
+                if kept.len() != old.len() {
+                    crate::atomic::write(path, &kept).map_err(io)?;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|source| Error::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(io)?;
         Ok(Self {
             file,
             path: path.to_path_buf(),
@@ -528,9 +724,67 @@ impl MetricsLog {
     }
 
     fn write(&mut self, value: &serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{value}").map_err(|source| Error::Io {
+        // One write per line: a kill leaves whole lines, a torn last one at worst, which
+        // the next open drops.
+        let line = format!("{value}\n");
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|source| Error::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.file.sync_data().map_err(|source| Error::Io {
             path: self.path.clone(),
             source,
         })
+    }
+}
+
+/// The lines of a metrics log that belong to steps up to `step` (none when `step` is 0,
+/// where the run starts over), in their order; lines that do not parse are dropped.
+fn kept_lines(log: &[u8], step: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    if step == 0 {
+        return out;
+    }
+    for line in log.split(|&b| b == b'\n') {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+            continue;
+        };
+        let at = match v["event"].as_str() {
+            Some("step") => v["metrics"]["step"].as_u64(),
+            _ => v["step"].as_u64(),
+        };
+        if at.is_some_and(|s| s <= step as u64) {
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kept_lines;
+
+    #[test]
+    fn a_resumed_log_keeps_the_steps_up_to_the_checkpoint() {
+        let log = concat!(
+            "{\"event\":\"eval\",\"step\":0}\n",
+            "{\"event\":\"step\",\"metrics\":{\"step\":1}}\n",
+            "{\"event\":\"step\",\"metrics\":{\"step\":2}}\n",
+            "{\"event\":\"eval\",\"step\":2}\n",
+            "{\"event\":\"step\",\"metrics\":{\"step\":3}}\n",
+            "{\"event\":\"step\",\"met"
+        );
+        let kept = String::from_utf8(kept_lines(log.as_bytes(), 2)).unwrap();
+        assert_eq!(kept.lines().count(), 4, "{kept}");
+        assert!(!kept.contains("\"step\":3"));
+        assert!(kept_lines(log.as_bytes(), 0).is_empty());
+        let all = kept_lines(log.as_bytes(), 9);
+        assert_eq!(all, log.as_bytes()[..log.rfind('\n').unwrap() + 1]);
     }
 }

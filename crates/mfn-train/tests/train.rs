@@ -234,3 +234,133 @@ fn bad_checkpoints_and_settings_are_errors() {
         .unwrap_err();
     assert!(err.to_string().contains("classes"), "{err}");
 }
+
+#[test]
+fn a_resume_from_an_older_checkpoint_logs_each_step_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_set(&dir.path().join("data"), 4);
+    let device = Device::Cpu;
+    let out = dir.path().join("run");
+    let ckpt = out.join("last.safetensors");
+    let mut t = Trainer::new(config(6), None, &device).unwrap();
+    losses(&mut t, &data, &out, Some(2));
+    // A run killed at step 4 whose last checkpoint holds step 2.
+    let at_2 = std::fs::read(&ckpt).unwrap();
+    losses(&mut t, &data, &out, Some(2));
+    drop(t);
+    std::fs::write(&ckpt, at_2).unwrap();
+    let mut t = Trainer::resume(&ckpt, &device).unwrap();
+    assert_eq!(t.step(), 2);
+    losses(&mut t, &data, &out, None);
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "step")
+        .map(|v| v["metrics"]["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "only the checkpoint and the log: {names:?}");
+}
+
+#[test]
+fn a_finished_run_extends_to_a_new_total() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_set(&dir.path().join("data"), 4);
+    let device = Device::Cpu;
+    let out = dir.path().join("run");
+    let settings = mfn_train::DataSettings {
+        path: Some(dir.path().join("data")),
+        min_images: 4,
+        hold_out: None,
+        ..Default::default()
+    };
+    let mut t = Trainer::new(config(3), None, &device).unwrap();
+    t.set_data(Some(settings.clone()));
+    assert_eq!(losses(&mut t, &data, &out, None).len(), 3);
+    let ckpt = out.join("last.safetensors");
+    // The settings, data included, come back from the header alone.
+    let saved = Trainer::saved_settings(&ckpt).unwrap();
+    assert_eq!(
+        (saved.config, saved.step, saved.data),
+        (config(3), 3, Some(settings.clone()))
+    );
+
+    let mut t = Trainer::resume(&ckpt, &device).unwrap();
+    assert_eq!(t.data(), Some(&settings));
+    assert!(losses(&mut t, &data, &out, None).is_empty());
+    assert!(t.set_steps(3).is_err());
+    t.set_steps(5).unwrap();
+    assert_eq!(t.config().schedule.total_steps, 5);
+    assert_eq!(losses(&mut t, &data, &out, None).len(), 2);
+    assert_eq!(Trainer::saved_settings(&ckpt).unwrap().step, 5);
+}
+
+#[test]
+fn a_checkpoint_whose_settings_outgrow_its_tensors_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Device::Cpu;
+    let good = dir.path().join("good.safetensors");
+    Trainer::new(config(2), None, &device)
+        .unwrap()
+        .save(&good)
+        .unwrap();
+    let rewrite = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut ckpt = mfn_model::Checkpoint::load(&good, None, &device).unwrap();
+        let mut c: serde_json::Value =
+            serde_json::from_str(&ckpt.metadata["mfn.train.config"]).unwrap();
+        edit(&mut c);
+        ckpt.metadata
+            .insert("mfn.train.config".into(), c.to_string());
+        let path = dir.path().join(name);
+        ckpt.save(&path).unwrap();
+        path
+    };
+    // A billion classes would be a 1e9 x 512 head: refused by the stored head's shape.
+    let huge = rewrite("huge.safetensors", &|c| {
+        c["classes"] = 1_000_000_000u64.into()
+    });
+    let err = Trainer::resume(&huge, &device).err().unwrap().to_string();
+    assert!(
+        err.contains("head.weight") && err.contains("huge.safetensors"),
+        "{err}"
+    );
+    assert_eq!(
+        Trainer::saved_settings(&huge).unwrap().config.classes,
+        1_000_000_000
+    );
+    let overflow = rewrite("overflow.safetensors", &|c| {
+        c["classes"] = u64::MAX.into();
+        c["sub_centers"] = 2.into();
+    });
+    let err = Trainer::resume(&overflow, &device)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("overflow"), "{err}");
+    // A network wider than the weights the file holds.
+    let wide = rewrite("wide.safetensors", &|c| {
+        c["model"]["last_channels"] = 8192.into();
+    });
+    let err = Trainer::resume(&wide, &device).err().unwrap().to_string();
+    assert!(err.contains("different networks"), "{err}");
+    // With the model metadata widened as well (the loader or the resume refuses it).
+    let mut ckpt = mfn_model::Checkpoint::load(&wide, None, &device).unwrap();
+    ckpt.config.last_channels = 8192;
+    let wider = dir.path().join("wider.safetensors");
+    ckpt.save(&wider).unwrap();
+    let err = Trainer::resume(&wider, &device).err().unwrap().to_string();
+    assert!(
+        (err.contains("parameters") || err.contains("shape")) && err.contains("wider.safetensors"),
+        "{err}"
+    );
+    // Not a safetensors file at all.
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, u64::MAX.to_le_bytes()).unwrap();
+    let err = Trainer::saved_settings(&junk).err().unwrap().to_string();
+    assert!(err.contains("junk.safetensors"), "{err}");
+}

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use mfn_data::align::{align, read_landmarks_file, Landmarks};
 use mfn_data::face::Pick;
 
-use super::{template_for, DetectorArgs};
+use super::{args, template_for, write_atomic_with, DetectorArgs};
 
 /// Arguments of `mfn-cli align`.
 #[derive(clap::Args, Debug)]
@@ -16,8 +16,9 @@ pub struct Args {
     /// by the end of their path. Without it, faces are detected.
     #[arg(long)]
     landmarks: Option<PathBuf>,
-    /// Crop size, WIDTHxHEIGHT: 112x112 (ArcFace layout) or 96x112 (SphereFace layout).
-    #[arg(long, default_value = "112x112", value_parser = parse_size)]
+    /// Crop size, WIDTHxHEIGHT: 112x112 (ArcFace layout) or 96x112 (SphereFace layout);
+    /// each side 16..=1024.
+    #[arg(long, default_value = "112x112", value_parser = args::crop_size)]
     size: [u32; 2],
     /// Keep every detected face, not only the largest.
     #[arg(long)]
@@ -30,18 +31,6 @@ pub struct Args {
     /// Photos.
     #[arg(required = true)]
     images: Vec<PathBuf>,
-}
-
-/// `WIDTHxHEIGHT`.
-pub fn parse_size(s: &str) -> std::result::Result<[u32; 2], String> {
-    let (w, h) = s
-        .split_once('x')
-        .ok_or_else(|| format!("`{s}` is not WIDTHxHEIGHT"))?;
-    let n = |v: &str| {
-        v.parse::<u32>()
-            .map_err(|_| format!("`{s}` is not WIDTHxHEIGHT"))
-    };
-    Ok([n(w)?, n(h)?])
 }
 
 fn find_landmarks<'a>(
@@ -58,6 +47,8 @@ fn find_landmarks<'a>(
 pub fn run(args: Args) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    mfn_train::atomic::check_writable(&args.out)
+        .with_context(|| format!("--out {}: cannot create files there", args.out.display()))?;
     let stem = |p: &Path| {
         p.file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -78,9 +69,7 @@ pub fn run(args: Args) -> Result<()> {
             let a = align(&photo, points, &template, args.size)
                 .with_context(|| format!("aligning {}", image.display()))?;
             let out = args.out.join(format!("{}.png", stem(image)));
-            a.image
-                .save(&out)
-                .with_context(|| format!("writing {}", out.display()))?;
+            write_atomic_with(&out, |tmp| a.image.save(tmp))?;
             println!(
                 "{}\t{}\tresidual {:.2}px",
                 image.display(),
@@ -101,10 +90,7 @@ pub fn run(args: Args) -> Result<()> {
                 format!("{}.png", stem(image))
             };
             let out = args.out.join(name);
-            f.aligned
-                .image
-                .save(&out)
-                .with_context(|| format!("writing {}", out.display()))?;
+            write_atomic_with(&out, |tmp| f.aligned.image.save(tmp))?;
             println!(
                 "{}\t{}\tscore {:.3}\tresidual {:.2}px",
                 image.display(),

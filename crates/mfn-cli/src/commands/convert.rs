@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
-use super::{load_model, THRESHOLD_KEY};
+use super::{args, check_output, load_model, write_atomic_with, THRESHOLD_KEY};
 
 /// Arguments of `mfn-cli convert`.
 #[derive(clap::Args, Debug)]
@@ -13,6 +13,7 @@ pub struct Args {
     /// model, a PyTorch `.pt`/`.pth` state dict or a native file.
     input: PathBuf,
     /// The native `.safetensors` file to write.
+    #[arg(value_parser = args::safetensors_file)]
     output: PathBuf,
     /// Config preset the source graph is checked against (`paper`, `y1`, `mbf`,
     /// `mbf_large`, `foamliu`) [default: `y1` for MXNet; for ONNX and PyTorch, the preset
@@ -20,8 +21,8 @@ pub struct Args {
     #[arg(long)]
     preset: Option<String>,
     /// Verification threshold (a cosine) to store in the model's metadata; `mfn-cli eval
-    /// --save-threshold` measures one on LFW instead.
-    #[arg(long)]
+    /// --save-threshold` measures one on LFW instead. A cosine in -1..=1.
+    #[arg(long, allow_negative_numbers = true, value_parser = args::cosine)]
     threshold: Option<f64>,
     /// Input normalisation to store, for weights whose file does not carry it (an ONNX
     /// graph without a leading Sub/Mul, a state dict): `mxnet` (x - 127.5) / 128, `torch`
@@ -42,13 +43,10 @@ fn parse_norm(text: &str) -> Result<mfn_model::InputNorm, String> {
 
 /// Runs the command.
 pub fn run(args: Args) -> Result<()> {
+    check_output(&args.output, "OUTPUT")?;
     // Building the network proves the weights fit the config before anything is written.
     let (mut ckpt, _model) = load_model(Some(args.input.clone()), args.preset.as_deref())?;
     if let Some(t) = args.threshold {
-        anyhow::ensure!(
-            (-1.0..=1.0).contains(&t),
-            "--threshold {t} is not a cosine in -1..=1"
-        );
         ckpt.metadata.insert(THRESHOLD_KEY.into(), format!("{t}"));
         ckpt.metadata.insert(
             format!("{THRESHOLD_KEY}.source"),
@@ -58,8 +56,7 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(norm) = args.input_norm {
         ckpt.config.input_norm = norm;
     }
-    ckpt.save(&args.output)
-        .with_context(|| format!("writing {}", args.output.display()))?;
+    write_atomic_with(&args.output, |tmp| ckpt.save(tmp))?;
     let c = ckpt.config.complexity();
     println!(
         "wrote {} ({} tensors, {} parameters, {:.1}M MACs, config `{}`)",

@@ -2,11 +2,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::Device;
 use serde_json::json;
 
-use super::{image_size, load_model_on, DetectorArgs, RunArgs};
+use super::{args, check_output, image_size, load_model_on, write_atomic, DetectorArgs, RunArgs};
 
 /// Arguments of `mfn-cli embed`.
 #[derive(clap::Args, Debug)]
@@ -21,8 +21,8 @@ pub struct Args {
     /// Add the mirrored image's embedding (insightface's flip test); implies normalising.
     #[arg(long, conflicts_with = "no_normalize")]
     flip: bool,
-    /// Images per batch.
-    #[arg(long, default_value_t = 8)]
+    /// Images per batch (1..=1024).
+    #[arg(long, default_value_t = 8, allow_negative_numbers = true, value_parser = args::count(1, args::MAX_BATCH))]
     batch: usize,
     /// Write the JSON here instead of to standard output.
     #[arg(long)]
@@ -45,6 +45,9 @@ pub struct Args {
 
 /// Runs the command.
 pub fn run(args: Args) -> Result<()> {
+    if let Some(path) = &args.json {
+        check_output(path, "--json")?;
+    }
     let device = args.run.open()?;
     let (ckpt, model) = load_model_on(args.model.clone(), None, &device, args.run.dtype.dtype())?;
     let missing = mfn_data::missing_files(&args.images);
@@ -75,6 +78,9 @@ pub fn run(args: Args) -> Result<()> {
         },
         |_| {},
     )?;
+    for (p, e) in args.images.iter().zip(&rows) {
+        finite(e, p, &ckpt)?;
+    }
     let images: Vec<_> = args
         .images
         .iter()
@@ -109,6 +115,7 @@ fn run_detect(
             model.embed(&x, args.flip)?.to_vec2()?
         };
         for (k, (f, e)) in faces.iter().zip(e).enumerate() {
+            finite(&e, path, ckpt)?;
             entries.push(json!({
                 "path": path.display().to_string(),
                 "face": k,
@@ -120,6 +127,21 @@ fn run_detect(
         }
     }
     write_output(args, ckpt, entries)
+}
+
+/// Refuses an embedding that is not finite: finite weights with extreme values can still
+/// overflow in the forward pass, and JSON would carry the result as `null`.
+fn finite(e: &[f32], image: &std::path::Path, ckpt: &mfn_model::Checkpoint) -> Result<()> {
+    if let Some(i) = e.iter().position(|v| !v.is_finite()) {
+        anyhow::bail!(
+            "{}: the embedding is not finite (value {i} is {}) under model {}: the model's \
+             weights overflow on this input",
+            image.display(),
+            e[i],
+            ckpt.source.display()
+        );
+    }
+    Ok(())
 }
 
 fn write_output(
@@ -135,9 +157,7 @@ fn write_output(
     });
     let text = serde_json::to_string_pretty(&out)?;
     match &args.json {
-        Some(path) => {
-            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?
-        }
+        Some(path) => write_atomic(path, text.as_bytes())?,
         None => println!("{text}"),
     }
     Ok(())

@@ -12,7 +12,10 @@ use serde_json::{json, Value};
 
 use mfn_hub::pretrained::{THRESHOLD_KEY, THRESHOLD_PAIRS_KEY, THRESHOLD_SOURCE_KEY};
 
-use super::{asset_or, hub, image_size, load_model_on, pinned_file, DeviceKind, RunArgs};
+use super::{
+    args, asset_or, check_output, hub, image_size, load_model_on, pinned_file, write_atomic,
+    write_atomic_with, DeviceKind, RunArgs,
+};
 
 /// The false accept rates reported.
 const FARS: [f64; 4] = [1e-1, 1e-2, 1e-3, 1e-4];
@@ -70,24 +73,24 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["pairs", "images"])]
     sets: Vec<String>,
     /// With --bin or --sets: the number of folds of consecutive pairs, as insightface
-    /// splits them [default: 10].
-    #[arg(long)]
+    /// splits them, at least 2 [default: 10].
+    #[arg(long, allow_negative_numbers = true, value_parser = args::count(2, usize::MAX))]
     folds: Option<usize>,
     /// Extension of the image files.
-    #[arg(long, default_value = "jpg")]
+    #[arg(long, default_value = "jpg", value_parser = args::extension)]
     ext: String,
     /// Embed each face alone, without adding its mirror image.
     #[arg(long)]
     no_flip: bool,
     /// Images per batch (each runs twice with the flip test) [default: 8 on the CPU, where
-    /// small batches keep the activations in cache; 256 on a GPU].
-    #[arg(long)]
+    /// small batches keep the activations in cache; 256 on a GPU; at most 1024].
+    #[arg(long, allow_negative_numbers = true, value_parser = args::count(1, args::MAX_BATCH))]
     batch: Option<usize>,
     /// Write the report as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
     /// Draw the ROC curve (`.svg` or `.png`).
-    #[arg(long)]
+    #[arg(long, value_parser = args::plot_file)]
     roc: Option<PathBuf>,
     /// Store a threshold in the model's metadata (`mfn.threshold`), where `mfn-cli verify`
     /// finds it: `best` (the mean exact-protocol fold threshold) or `far=1e-3` (the lowest
@@ -178,6 +181,13 @@ struct Scored {
 
 /// Runs the command.
 pub fn run(args: Args) -> Result<()> {
+    // Every output is checked before the long work, not found unwritable after it.
+    if let Some(path) = &args.json {
+        check_output(path, "--json")?;
+    }
+    if let Some(path) = &args.roc {
+        check_output(path, "--roc")?;
+    }
     let sets = data_sets(&args)?;
     if sets.len() > 1 && (args.save_threshold.is_some() || args.roc.is_some()) {
         anyhow::bail!(
@@ -187,7 +197,6 @@ pub fn run(args: Args) -> Result<()> {
     }
     let device = args.run.open()?;
     let batch = match (args.batch, args.run.device) {
-        (Some(0), _) => anyhow::bail!("--batch takes a positive number"),
         (Some(b), _) => b,
         (None, DeviceKind::Cpu) => 8,
         (None, DeviceKind::Cuda) => 256,
@@ -201,6 +210,9 @@ pub fn run(args: Args) -> Result<()> {
             "--save-threshold writes into a native model: convert {} with `mfn-cli convert` first",
             ckpt.source.display()
         );
+    }
+    if args.save_threshold.is_some() {
+        check_output(&ckpt.source, "--save-threshold")?;
     }
     let flip = !args.no_flip;
     let mut scored = Vec::new();
@@ -234,6 +246,9 @@ pub fn run(args: Args) -> Result<()> {
         bar.finish_and_clear();
         let report = mfn_eval::evaluate(&scores, &FARS)
             .with_context(|| format!("evaluating {}", set.source().display()))?;
+        for w in report.warnings() {
+            eprintln!("warning: {name}: {w}");
+        }
         scored.push(Scored {
             name,
             source: set.source().to_path_buf(),
@@ -279,7 +294,7 @@ pub fn run(args: Args) -> Result<()> {
             [one] => one.clone(),
             _ => json!({ "model": model_name, "flip": flip, "sets": per_set }),
         };
-        super::write_atomic(path, serde_json::to_string_pretty(&out)?.as_bytes())?;
+        write_atomic(path, serde_json::to_string_pretty(&out)?.as_bytes())?;
     }
     if let (Some(rule), [one]) = (args.save_threshold, scored.as_slice()) {
         save_threshold(&mut ckpt, rule, one, flip, args.force)?;
@@ -292,7 +307,7 @@ pub fn run(args: Args) -> Result<()> {
             one.source.display(),
             one.report.pairs
         );
-        mfn_eval::plot_roc(&curve, path, &title)?;
+        write_atomic_with(path, |tmp| mfn_eval::plot_roc(&curve, tmp, &title))?;
     }
     Ok(())
 }
@@ -357,7 +372,7 @@ fn save_threshold(
     ckpt.metadata
         .insert(THRESHOLD_PAIRS_KEY.into(), r.pairs.to_string());
     let path = ckpt.source.clone();
-    ckpt.save(&path)
+    write_atomic_with(&path, |tmp| ckpt.save(tmp))
         .with_context(|| format!("storing the threshold in {}", path.display()))?;
     println!("stored threshold {t:.4} in {}", path.display());
     Ok(())
@@ -403,6 +418,7 @@ fn report_json(
         "eer_threshold": r.eer_threshold,
         "tar_at_far": tar,
         "tar_at_far_detail": r.tar_at_far,
+        "warnings": r.warnings(),
         "images": images,
         "seconds": seconds,
         "faces_per_second": faces_per_second,

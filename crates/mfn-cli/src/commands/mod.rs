@@ -1,6 +1,7 @@
 //! One module per subcommand, plus the argument handling they share.
 
 pub mod align;
+pub mod args;
 pub mod convert;
 pub mod embed;
 pub mod eval;
@@ -81,35 +82,44 @@ fn note_download(hub: &mfn_hub::Hub, entry: &mfn_hub::Entry) {
 }
 
 /// Writes `bytes` to `path` through a temporary file beside it, synced and renamed into
-/// place, so that a failed write leaves the old file (or none) and no partial one.
+/// place, so that a failed write leaves the old file (or none) and no partial one (see
+/// [`mfn_train::atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} names no file", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    mfn_train::atomic::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// [`write_atomic`] for writers that take a path (image encoders, plots, model files):
+/// `write` creates the file at the temporary path it is given, which has the extension of
+/// `path`.
+pub fn write_atomic_with<E>(path: &Path, write: impl FnOnce(&Path) -> Result<(), E>) -> Result<()>
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    mfn_train::atomic::write_with(path, write)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Checks, before any long work, that `flag`'s output file `path` can be written: it
+/// names a file, not a folder, in a folder that exists and takes new files.
+pub fn check_output(path: &Path, flag: &str) -> Result<()> {
+    if path.file_name().is_none() || path.is_dir() {
+        bail!("{flag} {}: names a folder, not a file", path.display());
     }
-    result.with_context(|| format!("writing {}", path.display()))
+    let dir = mfn_train::atomic::folder(path);
+    if !dir.is_dir() {
+        bail!(
+            "{flag} {}: the folder {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    mfn_train::atomic::check_writable(&dir).with_context(|| {
+        format!(
+            "{flag} {}: cannot create files in {}",
+            path.display(),
+            dir.display()
+        )
+    })
 }
 
 /// The model `mfn-cli` uses when `--model` is not given: a registry name.
@@ -279,8 +289,8 @@ pub struct DetectorArgs {
     /// the cache or their public sources].
     #[arg(long)]
     pub detector_weights: Option<PathBuf>,
-    /// Smallest face to look for, in pixels.
-    #[arg(long, default_value_t = 20.0)]
+    /// Smallest face to look for, in pixels (0..=10000).
+    #[arg(long, default_value_t = 20.0, allow_negative_numbers = true, value_parser = args::face_size)]
     pub min_face: f32,
 }
 

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use mfn_data::{BinSet, Pairs};
 
+use super::{args, check_output, write_atomic};
+
 /// Arguments of `mfn-cli pack-bin`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -16,19 +18,22 @@ pub struct Args {
     #[arg(long)]
     images: PathBuf,
     /// Extension of the image files.
-    #[arg(long, default_value = "jpg")]
+    #[arg(long, default_value = "jpg", value_parser = args::extension)]
     ext: String,
-    /// The `.bin` file to write.
+    /// The `.bin` file to write; an existing one is replaced only once the new one is
+    /// complete on disk.
     #[arg(long)]
     out: PathBuf,
 }
 
 /// Runs the command.
 pub fn run(args: Args) -> Result<()> {
+    check_output(&args.out, "--out")?;
     let pairs = Pairs::read(&args.pairs)?;
     let set = BinSet::from_pairs(&pairs, &args.images, &args.ext)
         .with_context(|| format!("packing the images that {} names", args.pairs.display()))?;
-    set.write(&args.out)?;
+    set.validate(&args.out)?;
+    write_atomic(&args.out, &set.to_pickle())?;
     let bytes: usize = set.images.iter().map(Vec::len).sum();
     println!(
         "wrote {}: {} pairs ({} same), {} images, {bytes} bytes of image data",

@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::Device;
 use mfn_data::face::{images_to_tensor, Pick};
 use serde_json::json;
 
-use super::{hub, image_size, load_model, DetectorArgs};
+use super::{args, check_output, hub, image_size, load_model, write_atomic, DetectorArgs};
 
 /// Arguments of `mfn-cli verify`.
 #[derive(clap::Args, Debug)]
@@ -17,8 +17,9 @@ pub struct Args {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Cosine threshold; "same" when the cosine is at least this [default: the model's
-    /// `mfn.threshold` metadata, else the registry's threshold for its weights].
-    #[arg(long)]
+    /// `mfn.threshold` metadata, else the registry's threshold for its weights]; a cosine
+    /// in -1..=1.
+    #[arg(long, allow_negative_numbers = true, value_parser = args::cosine)]
     threshold: Option<f64>,
     /// The photos are already aligned crops at the model's input size: skip detection.
     #[arg(long)]
@@ -39,10 +40,8 @@ pub struct Args {
 
 /// Runs the command; `Ok(true)` when both photos show the same person.
 pub fn run(args: Args) -> Result<bool> {
-    if let Some(t) = args.threshold {
-        if !t.is_finite() || !(-1.0..=1.0).contains(&t) {
-            bail!("--threshold {t}: a threshold is a cosine in -1..=1");
-        }
+    if let Some(path) = &args.json {
+        check_output(path, "--json")?;
     }
     let (ckpt, model) = load_model(args.model.clone(), None)?;
     let (threshold, from, derivation) = match args.threshold {
@@ -84,9 +83,11 @@ pub fn run(args: Args) -> Result<bool> {
     eprintln!("threshold {threshold:.4} from {from}");
     let size = image_size(model.config()).map(|v| v as u32);
     let crops = if args.aligned {
+        // Crops at the network's input size; another size is an error naming the file.
+        let size = image_size(model.config());
         vec![
-            mfn_data::decode_rgb(&args.a)?,
-            mfn_data::decode_rgb(&args.b)?,
+            mfn_data::decode_rgb_sized(&args.a, size)?,
+            mfn_data::decode_rgb_sized(&args.b, size)?,
         ]
     } else {
         let aligner = args.detector.aligner(size)?;
@@ -117,8 +118,7 @@ pub fn run(args: Args) -> Result<bool> {
             "threshold_derivation": derivation,
             "same": same,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&out)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_atomic(path, serde_json::to_string_pretty(&out)?.as_bytes())?;
     }
     Ok(same)
 }

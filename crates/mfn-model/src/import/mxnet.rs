@@ -17,6 +17,10 @@ use crate::{Error, Result};
 
 /// MXNet's default BatchNorm eps, used where a node gives none.
 pub const MXNET_BN_EPS: f64 = 1e-3;
+/// Largest symbol file read: 16 MiB (insightface's y1 symbol is about 100 KiB).
+pub const MAX_SYMBOL_BYTES: u64 = 16 << 20;
+/// Most nodes a symbol may have (weights and no-op nodes included; y1 has about 600).
+pub const MAX_SYMBOL_NODES: usize = 65_536;
 
 const LIST_MAGIC: u64 = 0x112;
 const NDARRAY_V1_MAGIC: u32 = 0xF993_FAC8;
@@ -164,11 +168,10 @@ impl<'a> Reader<'a> {
 
 /// Reads an MXNet NDArray list (`.params`): names (without the `arg:`/`aux:` prefixes)
 /// to arrays. Truncation and corruption are errors that give the byte offset.
+/// The file must be a regular file of at most [`super::MAX_FILE_BYTES`]; every count in it
+/// is checked against the bytes left before anything is allocated for it.
 pub fn read_params(path: &Path) -> Result<HashMap<String, NdArray>> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = super::read_regular_file(path, super::MAX_FILE_BYTES)?;
     parse_params(&bytes, path)
 }
 
@@ -296,22 +299,39 @@ fn parse_bool(s: Option<&str>, default: bool) -> bool {
     }
 }
 
-/// Reads an MXNet `*-symbol.json`.
+/// Reads an MXNet `*-symbol.json`: a regular file of at most [`MAX_SYMBOL_BYTES`].
 pub fn read_symbol(path: &Path) -> Result<Symbol> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = super::read_regular_file(path, MAX_SYMBOL_BYTES)?;
+    parse_symbol(&bytes, path)
+}
+
+/// Parses the bytes of an MXNet symbol, as [`read_symbol`] does; `path` is only used in
+/// error messages. At most [`MAX_SYMBOL_NODES`] nodes; every attribute the layers use must
+/// parse (integers as non-negative integers, numbers as finite ones).
+pub fn parse_symbol(bytes: &[u8], path: &Path) -> Result<Symbol> {
     let bad = |message: String| Error::Symbol {
         path: path.to_path_buf(),
         message,
     };
+    if bytes.len() as u64 > MAX_SYMBOL_BYTES {
+        return Err(bad(format!(
+            "{} bytes, more than the {MAX_SYMBOL_BYTES} a symbol may have",
+            bytes.len()
+        )));
+    }
+    // serde_json bounds its nesting depth, so no input overflows the stack.
     let json: Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     let nodes = json
         .get("nodes")
         .and_then(Value::as_array)
         .ok_or_else(|| bad("no `nodes` array: not an MXNet symbol file".into()))?;
+    if nodes.len() > MAX_SYMBOL_NODES {
+        return Err(bad(format!(
+            "{} nodes, more than the {MAX_SYMBOL_NODES} a symbol may have",
+            nodes.len()
+        )));
+    }
     let mut out = Vec::new();
     let mut input_norm = InputNorm::identity();
     for node in nodes {
@@ -321,9 +341,6 @@ pub fn read_symbol(path: &Path) -> Result<Symbol> {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        let need = |key: &str| {
-            attr(node, key).ok_or_else(|| bad(format!("node `{name}` ({op}) has no `{key}`")))
-        };
         let tuple = |key: &str, default: Option<[usize; 2]>| -> Result<[usize; 2]> {
             match attr(node, key) {
                 Some(s) => parse_tuple(s)
@@ -336,8 +353,24 @@ pub fn read_symbol(path: &Path) -> Result<Symbol> {
             match attr(node, key) {
                 Some(s) => s
                     .trim()
-                    .parse()
-                    .map_err(|_| bad(format!("node `{name}`: cannot read {key}={s:?}"))),
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|v| v.is_finite())
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "node `{name}`: cannot read {key}={s:?} as a finite number"
+                        ))
+                    }),
+                None => default.ok_or_else(|| bad(format!("node `{name}` ({op}) has no `{key}`"))),
+            }
+        };
+        let integer = |key: &str, default: Option<usize>| -> Result<usize> {
+            match attr(node, key) {
+                Some(s) => s.trim().parse::<usize>().map_err(|_| {
+                    bad(format!(
+                        "node `{name}`: cannot read {key}={s:?} as a non-negative integer"
+                    ))
+                }),
                 None => default.ok_or_else(|| bad(format!("node `{name}` ({op}) has no `{key}`"))),
             }
         };
@@ -355,10 +388,8 @@ pub fn read_symbol(path: &Path) -> Result<Symbol> {
                 kernel: tuple("kernel", None)?,
                 stride: tuple("stride", Some([1, 1]))?,
                 pad: tuple("pad", Some([0, 0]))?,
-                groups: number("num_group", Some(1.0))? as usize,
-                filters: need("num_filter")?
-                    .parse()
-                    .map_err(|_| bad(format!("node `{name}`: bad num_filter")))?,
+                groups: integer("num_group", Some(1))?,
+                filters: integer("num_filter", None)?,
                 bias: !parse_bool(attr(node, "no_bias"), false),
             },
             "BatchNorm" => Layer::BatchNorm {
@@ -369,9 +400,7 @@ pub fn read_symbol(path: &Path) -> Result<Symbol> {
             "LeakyReLU" if attr(node, "act_type") == Some("prelu") => Layer::PRelu,
             "elemwise_add" | "_Plus" | "_plus" | "broadcast_add" => Layer::Add,
             "FullyConnected" => Layer::FullyConnected {
-                hidden: need("num_hidden")?
-                    .parse()
-                    .map_err(|_| bad(format!("node `{name}`: bad num_hidden")))?,
+                hidden: integer("num_hidden", None)?,
                 bias: !parse_bool(attr(node, "no_bias"), false),
             },
             other => {
@@ -468,7 +497,8 @@ fn describe(layer: &Layer) -> String {
 }
 
 /// Checks a parsed symbol against a config and returns the config with the symbol's eps,
-/// fix_gamma and input scaling. Errors name the first node that differs.
+/// fix_gamma and input scaling. Errors name the first node that differs. Both configs must
+/// pass [`Config::validate`].
 pub fn match_config(symbol: &Symbol, config: &Config, path: &Path) -> Result<Config> {
     let mismatch = |node: &str, expected: String, found: String| Error::GraphMismatch {
         path: path.to_path_buf(),
@@ -476,6 +506,7 @@ pub fn match_config(symbol: &Symbol, config: &Config, path: &Path) -> Result<Con
         expected,
         found,
     };
+    config.validate().map_err(|e| e.in_file(path))?;
     let mut config = config.clone();
     config.input_norm = symbol.input_norm.clone();
     // eps and fix_gamma come from the symbol: take them from its first body BatchNorm and
@@ -534,6 +565,7 @@ pub fn match_config(symbol: &Symbol, config: &Config, path: &Path) -> Result<Con
             describe(&extra.layer),
         ));
     }
+    config.validate().map_err(|e| e.in_file(path))?;
     Ok(config)
 }
 
@@ -603,20 +635,28 @@ pub fn tensors_for(
                 found: array.shape.clone(),
             });
         }
-        let t = Tensor::from_slice(&array.data, shape.as_slice(), device)?;
+        let t = Tensor::from_slice(&array.data, shape.as_slice(), device).map_err(|e| {
+            Error::BadWeight {
+                path: path.to_path_buf(),
+                name: name.clone(),
+                message: e.to_string(),
+            }
+        })?;
         out.insert(name, t);
     }
     Ok(out)
 }
 
 /// Reads a symbol and its params, checks both against `config` and returns the config as
-/// the symbol defines it, with the weights.
+/// the symbol defines it (which must pass [`Config::validate`]), with the weights (present,
+/// shaped and finite).
 pub fn load(
     symbol_path: &Path,
     params_path: Option<&Path>,
     config: &Config,
     device: &Device,
 ) -> Result<(Config, HashMap<String, Tensor>)> {
+    config.validate().map_err(|e| e.in_file(symbol_path))?;
     let symbol = read_symbol(symbol_path)?;
     let config = match_config(&symbol, config, symbol_path)?;
     let params_path = match params_path {
@@ -625,5 +665,6 @@ pub fn load(
     };
     let arrays = read_params(&params_path)?;
     let tensors = tensors_for(&config, &arrays, &params_path, device)?;
+    crate::checkpoint::check_weights(&config, &tensors, &params_path)?;
     Ok((config, tensors))
 }

@@ -14,9 +14,16 @@
 //! move data, so the walk passes over them. A leading Sub/Mul (or Sub/Div), by a scalar or
 //! one value per channel, is taken as the input normalisation, as insightface's
 //! `arcface_onnx.py` does.
+//!
+//! The file is untrusted: every length is checked against the bytes left before it is
+//! used, a tensor's dims must multiply (without overflow) to exactly the data it holds, an
+//! attribute of the wrong type is an error naming the node and the attribute, and external
+//! data must be a regular file inside the model's folder once links are resolved, with
+//! its offset and length inside that file's real size.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Component, Path};
 
 use candle_core::{Device, Tensor};
 
@@ -168,6 +175,93 @@ struct Array {
     data: Vec<f32>,
 }
 
+/// The `bytes` bytes of a tensor's external data. The location must be a relative path of
+/// plain names that, with every link resolved, names a regular file inside the model's
+/// folder (so neither `../x`, an absolute path, a link out of the folder nor a FIFO or a
+/// device such as `/dev/zero`); its offset and length must lie inside the file's real size
+/// and the length must be what the tensor's shape needs. Nothing more is read.
+fn read_external(
+    path: &Path,
+    name: &str,
+    external: &HashMap<String, String>,
+    bytes: usize,
+) -> Result<Vec<u8>> {
+    let location = external.get("location").map(String::as_str).unwrap_or("");
+    let fail = |message: String| {
+        err(
+            path,
+            format!("tensor `{name}`: external data `{location}`: {message}"),
+        )
+    };
+    let rel = Path::new(location);
+    if location.is_empty() {
+        return Err(fail("no location".into()));
+    }
+    if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(fail("outside the model's folder".into()));
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| fail(format!("cannot resolve the model's folder: {e}")))?;
+    let file = dir
+        .join(rel)
+        .canonicalize()
+        .map_err(|e| fail(format!("cannot resolve it: {e}")))?;
+    if !file.starts_with(&dir) {
+        return Err(fail(format!(
+            "resolves to {}, outside the model's folder",
+            file.display()
+        )));
+    }
+    let size = super::check_regular_file(&file, u64::MAX).map_err(|e| fail(e.to_string()))?;
+    let number = |key: &str| -> Result<Option<u64>> {
+        external
+            .get(key)
+            .map(|v| {
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|_| fail(format!("`{key}` is {v:?}, not a byte count")))
+            })
+            .transpose()
+    };
+    let offset = number("offset")?.unwrap_or(0);
+    if offset > size {
+        return Err(fail(format!(
+            "offset {offset} is past the end of the {size}-byte file"
+        )));
+    }
+    let length = number("length")?.unwrap_or(size - offset);
+    if length > size - offset {
+        return Err(fail(format!(
+            "{length} bytes at offset {offset} run past the end of the {size}-byte file"
+        )));
+    }
+    if length != bytes as u64 {
+        return Err(fail(format!(
+            "{length} bytes, the tensor's shape needs {bytes}"
+        )));
+    }
+    let io = |e: std::io::Error| fail(e.to_string());
+    let mut f = std::fs::File::open(&file).map_err(io)?;
+    if !f.metadata().map_err(io)?.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    f.seek(SeekFrom::Start(offset)).map_err(io)?;
+    let mut out = Vec::with_capacity(bytes);
+    f.take(length).read_to_end(&mut out).map_err(io)?;
+    if out.len() != bytes {
+        return Err(fail(format!(
+            "the file ended after {} of {bytes} bytes",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
 fn parse_tensor(buf: &[u8], path: &Path) -> Result<(String, Array)> {
     let mut dims = Vec::new();
     let mut dtype = 0i64;
@@ -177,6 +271,7 @@ fn parse_tensor(buf: &[u8], path: &Path) -> Result<(String, Array)> {
     let mut doubles = Vec::new();
     let mut int64s = Vec::new();
     let mut external: HashMap<String, String> = HashMap::new();
+    let mut external_location = false;
     each_field(buf, path, "TensorProto", |n, v| {
         match (n, v) {
             (1, v) => push_ints(v, &mut dims, path)?,
@@ -186,10 +281,18 @@ fn parse_tensor(buf: &[u8], path: &Path) -> Result<(String, Array)> {
             (8, Field::Bytes(b)) => name = string(b, path)?,
             (9, Field::Bytes(b)) => raw = Some(b),
             (10, Field::Fixed64(x)) => doubles.push(f64::from_bits(x)),
-            (10, Field::Bytes(b)) => doubles.extend(
-                b.chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default())),
-            ),
+            (10, Field::Bytes(b)) => {
+                if b.len() % 8 != 0 {
+                    return Err(err(
+                        path,
+                        "packed doubles whose length is not a multiple of 8",
+                    ));
+                }
+                doubles.extend(
+                    b.chunks_exact(8)
+                        .map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default())),
+                )
+            }
             (13, Field::Bytes(b)) => {
                 let (mut k, mut val) = (String::new(), String::new());
                 each_field(b, path, "external data entry", |n, v| {
@@ -202,6 +305,7 @@ fn parse_tensor(buf: &[u8], path: &Path) -> Result<(String, Array)> {
                 })?;
                 external.insert(k, val);
             }
+            (14, Field::Varint(v)) => external_location = v == 1,
             _ => {}
         }
         Ok(())
@@ -216,47 +320,37 @@ fn parse_tensor(buf: &[u8], path: &Path) -> Result<(String, Array)> {
         .iter()
         .try_fold(1usize, |a, d| a.checked_mul(*d))
         .ok_or_else(|| err(path, format!("tensor `{name}` is too large")))?;
-    let ext_bytes;
-    let raw = if let Some(location) = external.get("location") {
-        // External data must sit beside the model: a location that climbs out of its
-        // folder or is absolute would let a model file read any file on the machine.
-        let rel = Path::new(location);
-        if rel.is_absolute()
-            || rel
-                .components()
-                .any(|c| !matches!(c, std::path::Component::Normal(_)))
-        {
+    let elem = match dtype {
+        1 => 4,
+        7 | 11 => 8,
+        t => {
             return Err(err(
                 path,
-                format!("tensor `{name}`: external data location `{location}` is outside the model's folder"),
-            ));
+                format!("tensor `{name}` has data type {t}, not float"),
+            ))
         }
-        let file = path.parent().unwrap_or(Path::new(".")).join(rel);
-        let all = std::fs::read(&file).map_err(|source| Error::Io {
-            path: file.clone(),
-            source,
-        })?;
-        let offset: usize = external
-            .get("offset")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let length: usize = external
-            .get("length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(all.len().saturating_sub(offset));
-        ext_bytes = all
-            .get(offset..offset.saturating_add(length))
-            .ok_or_else(|| {
-                err(
-                    &file,
-                    format!("external data of `{name}` lies past the end"),
-                )
-            })?
-            .to_vec();
+    };
+    let bytes_needed = count
+        .checked_mul(elem)
+        .ok_or_else(|| err(path, format!("tensor `{name}` is too large")))?;
+    let ext_bytes;
+    let raw = if external_location || !external.is_empty() {
+        ext_bytes = read_external(path, &name, &external, bytes_needed)?;
         Some(&ext_bytes[..])
     } else {
         raw
     };
+    if let Some(b) = raw {
+        if b.len() != bytes_needed {
+            return Err(err(
+                path,
+                format!(
+                    "tensor `{name}` has {} bytes of data, its shape {dims:?} needs {bytes_needed}",
+                    b.len()
+                ),
+            ));
+        }
+    }
     let data: Vec<f32> = match (dtype, raw) {
         (1, Some(b)) => b
             .chunks_exact(4)
@@ -272,8 +366,8 @@ fn parse_tensor(buf: &[u8], path: &Path) -> Result<(String, Array)> {
             .collect(),
         (1, None) => floats,
         (11, None) => doubles.iter().map(|v| *v as f32).collect(),
-        (7, None) => int64s.iter().map(|v| *v as f32).collect(),
-        (t, _) => {
+        (_, None) => int64s.iter().map(|v| *v as f32).collect(),
+        (t, Some(_)) => {
             return Err(err(
                 path,
                 format!("tensor `{name}` has data type {t}, not float"),
@@ -292,6 +386,47 @@ fn parse_tensor(buf: &[u8], path: &Path) -> Result<(String, Array)> {
     Ok((name, Array { dims, data }))
 }
 
+/// One attribute of a node, as far as a face network's ops read them.
+#[derive(Clone, Debug, Default)]
+struct Attr {
+    /// `AttributeProto.type`, when the exporter wrote it.
+    kind: Option<u64>,
+    float: Option<f32>,
+    int: Option<i64>,
+    floats: Vec<f32>,
+    ints: Vec<i64>,
+    /// Whether it holds something else: a string, tensor, graph or list of those.
+    other: bool,
+}
+
+/// `AttributeProto.AttributeType` values.
+const ATTR_FLOAT: u64 = 1;
+const ATTR_INT: u64 = 2;
+const ATTR_INTS: u64 = 7;
+
+impl Attr {
+    /// What the attribute holds, for errors.
+    fn describe(&self) -> String {
+        match self.kind {
+            Some(1) => "a float".into(),
+            Some(2) => "an int".into(),
+            Some(3) => "a string".into(),
+            Some(4) => "a tensor".into(),
+            Some(5) => "a graph".into(),
+            Some(6) => "floats".into(),
+            Some(7) => "ints".into(),
+            Some(8) => "strings".into(),
+            Some(k) => format!("type {k}"),
+            None if self.float.is_some() => "a float".into(),
+            None if self.int.is_some() => "an int".into(),
+            None if !self.floats.is_empty() => "floats".into(),
+            None if !self.ints.is_empty() => "ints".into(),
+            None if self.other => "a string, tensor or graph".into(),
+            None => "no value".into(),
+        }
+    }
+}
+
 /// One node of the graph.
 #[derive(Clone, Debug, Default)]
 struct Node {
@@ -299,8 +434,55 @@ struct Node {
     op: String,
     inputs: Vec<String>,
     outputs: Vec<String>,
-    ints: HashMap<String, Vec<i64>>,
-    floats: HashMap<String, f32>,
+    attrs: HashMap<String, Attr>,
+}
+
+impl Node {
+    fn wrong_type(&self, key: &str, a: &Attr, expected: &str, path: &Path) -> Error {
+        err(
+            path,
+            format!(
+                "node `{}` ({}): attribute `{key}` is not {expected}: it holds {}",
+                self.name,
+                self.op,
+                a.describe()
+            ),
+        )
+    }
+
+    /// An INT attribute; `None` when the node has no such attribute.
+    fn int(&self, key: &str, path: &Path) -> Result<Option<i64>> {
+        let Some(a) = self.attrs.get(key) else {
+            return Ok(None);
+        };
+        match (a.kind, a.int) {
+            (None | Some(ATTR_INT), Some(v)) => Ok(Some(v)),
+            _ => Err(self.wrong_type(key, a, "an int", path)),
+        }
+    }
+
+    /// An INTS attribute; `None` when the node has no such attribute.
+    fn ints(&self, key: &str, path: &Path) -> Result<Option<Vec<i64>>> {
+        let Some(a) = self.attrs.get(key) else {
+            return Ok(None);
+        };
+        match a.kind {
+            Some(ATTR_INTS) if a.int.is_none() => Ok(Some(a.ints.clone())),
+            None if a.int.is_none() && !a.ints.is_empty() => Ok(Some(a.ints.clone())),
+            _ => Err(self.wrong_type(key, a, "a list of ints", path)),
+        }
+    }
+
+    /// A FLOAT attribute; `None` when the node has no such attribute.
+    fn float(&self, key: &str, path: &Path) -> Result<Option<f32>> {
+        let Some(a) = self.attrs.get(key) else {
+            return Ok(None);
+        };
+        match (a.kind, a.float) {
+            (None | Some(ATTR_FLOAT), Some(v)) => Ok(Some(v)),
+            _ => Err(self.wrong_type(key, a, "a float", path)),
+        }
+    }
 }
 
 fn parse_node(buf: &[u8], path: &Path) -> Result<Node> {
@@ -313,22 +495,21 @@ fn parse_node(buf: &[u8], path: &Path) -> Result<Node> {
             (4, Field::Bytes(b)) => node.op = string(b, path)?,
             (5, Field::Bytes(b)) => {
                 let mut name = String::new();
-                let mut ints = Vec::new();
-                let mut float = None;
+                let mut a = Attr::default();
                 each_field(b, path, "AttributeProto", |n, v| {
                     match (n, v) {
                         (1, Field::Bytes(s)) => name = string(s, path)?,
-                        (2, Field::Fixed32(x)) => float = Some(f32::from_bits(x)),
-                        (3, Field::Varint(x)) => ints.push(x as i64),
-                        (8, v) => push_ints(v, &mut ints, path)?,
+                        (2, Field::Fixed32(x)) => a.float = Some(f32::from_bits(x)),
+                        (3, Field::Varint(x)) => a.int = Some(x as i64),
+                        (7, v) => push_floats(v, &mut a.floats, path)?,
+                        (8, v) => push_ints(v, &mut a.ints, path)?,
+                        (20, Field::Varint(k)) => a.kind = Some(k),
+                        (4..=6 | 9..=11 | 22 | 23, _) => a.other = true,
                         _ => {}
                     }
                     Ok(())
                 })?;
-                if let Some(f) = float {
-                    node.floats.insert(name.clone(), f);
-                }
-                node.ints.insert(name, ints);
+                node.attrs.insert(name, a);
             }
             _ => {}
         }
@@ -458,7 +639,7 @@ fn layers(g: &Graph, path: &Path) -> Result<(Vec<Layer>, Option<InputNorm>)> {
                 weight(n, 2)?,
                 weight(n, 3)?,
                 weight(n, 4)?,
-                n.floats.get("epsilon").copied().unwrap_or(1e-5),
+                n.float("epsilon", path)?.unwrap_or(1e-5),
             ))
         };
         match n.op.as_str() {
@@ -491,18 +672,43 @@ fn layers(g: &Graph, path: &Path) -> Result<(Vec<Layer>, Option<InputNorm>)> {
                 });
             }
             "Conv" => {
-                let ints = |k: &str, d: Vec<i64>| n.ints.get(k).cloned().unwrap_or(d);
+                // Sizes, strides and pads as `usize`: a negative one is an error.
+                let ints = |k: &str, d: Vec<usize>| -> Result<Vec<usize>> {
+                    match n.ints(k, path)? {
+                        None => Ok(d),
+                        Some(v) => v
+                            .iter()
+                            .map(|x| {
+                                usize::try_from(*x).map_err(|_| {
+                                    err(
+                                        path,
+                                        format!(
+                                            "node `{}`: attribute `{k}` holds {x}, not a size",
+                                            n.name
+                                        ),
+                                    )
+                                })
+                            })
+                            .collect(),
+                    }
+                };
                 let w = weight(n, 1)?;
-                let k = ints(
-                    "kernel_shape",
-                    w.dims.iter().skip(2).map(|d| *d as i64).collect(),
-                );
-                let s = ints("strides", vec![1, 1]);
-                let p = ints("pads", vec![0, 0, 0, 0]);
+                let k = ints("kernel_shape", w.dims.iter().skip(2).copied().collect())?;
+                let s = ints("strides", vec![1, 1])?;
+                let p = ints("pads", vec![0, 0, 0, 0])?;
+                let groups = match n.int("group", path)?.unwrap_or(1) {
+                    g if g >= 1 => usize::try_from(g).unwrap_or(usize::MAX),
+                    g => {
+                        return Err(err(
+                            path,
+                            format!("node `{}`: attribute `group` is {g}, not positive", n.name),
+                        ))
+                    }
+                };
                 if k.len() != 2
                     || s.len() != 2
                     || p.len() != 4
-                    || ints("dilations", vec![1, 1]) != [1, 1]
+                    || ints("dilations", vec![1, 1])? != [1, 1]
                 {
                     return Err(err(
                         path,
@@ -523,10 +729,10 @@ fn layers(g: &Graph, path: &Path) -> Result<(Vec<Layer>, Option<InputNorm>)> {
                     bn: None,
                     act: None,
                     slope: None,
-                    groups: ints("group", vec![1])[0].max(1) as usize,
-                    kernel: [k[0] as usize, k[1] as usize],
-                    stride: [s[0] as usize, s[1] as usize],
-                    pads: [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize],
+                    groups,
+                    kernel: [k[0], k[1]],
+                    stride: [s[0], s[1]],
+                    pads: [p[0], p[1], p[2], p[3]],
                 })));
             }
             "BatchNormalization" => match out.last_mut() {
@@ -547,15 +753,19 @@ fn layers(g: &Graph, path: &Path) -> Result<(Vec<Layer>, Option<InputNorm>)> {
                     Activation::Relu
                 } else {
                     // Opset 11+ gives the bounds as inputs, older opsets as attributes.
-                    let bound = |i: usize, key: &str| {
-                        n.inputs
+                    let bound = |i: usize, key: &str| -> Result<Option<f32>> {
+                        match n
+                            .inputs
                             .get(i)
                             .filter(|name| !name.is_empty())
                             .and_then(|name| resolve(name))
                             .and_then(|a| a.data.first().copied())
-                            .or_else(|| n.floats.get(key).copied())
+                        {
+                            Some(v) => Ok(Some(v)),
+                            None => n.float(key, path),
+                        }
                     };
-                    match (bound(1, "min"), bound(2, "max")) {
+                    match (bound(1, "min")?, bound(2, "max")?) {
                         (Some(lo), Some(hi)) if lo == 0.0 && hi == 6.0 => Activation::Relu6,
                         (lo, hi) => {
                             return Err(err(
@@ -590,11 +800,13 @@ fn layers(g: &Graph, path: &Path) -> Result<(Vec<Layer>, Option<InputNorm>)> {
             "Add" => out.push(Layer::Add(n.name.clone())),
             "Gemm" => {
                 let mut w = weight(n, 1)?;
-                let trans_b = n
-                    .ints
-                    .get("transB")
-                    .map(|v| v.first() == Some(&1))
-                    .unwrap_or(false);
+                let trans_b = n.int("transB", path)? == Some(1);
+                if n.int("transA", path)?.unwrap_or(0) != 0 {
+                    return Err(err(
+                        path,
+                        format!("node `{}`: a Gemm with transA is not supported", n.name),
+                    ));
+                }
                 if !trans_b {
                     w = transpose(&w, path, &n.name)?;
                 }
@@ -639,6 +851,23 @@ fn transpose(a: &Array, path: &Path, node: &str) -> Result<Array> {
             ),
         ));
     };
+    if r.checked_mul(c) != Some(a.data.len()) {
+        return Err(err(
+            path,
+            format!(
+                "node `{node}`: weight of shape {:?} holds {} values",
+                a.dims,
+                a.data.len()
+            ),
+        ));
+    }
+    if a.data.is_empty() {
+        // A zero dimension: nothing to move, however large the other.
+        return Ok(Array {
+            dims: vec![c, r],
+            data: Vec::new(),
+        });
+    }
     let mut data = vec![0f32; r * c];
     for i in 0..r {
         for j in 0..c {
@@ -717,6 +946,29 @@ fn assign(
             dims: vec![cout],
             data: v,
         };
+        // Every per-channel operand holds one value per output channel.
+        let per_channel = c
+            .bias
+            .iter()
+            .map(|b| ("conv bias", b))
+            .chain(c.bn.iter().flat_map(|(g, b, m, v, _)| {
+                [
+                    ("BatchNorm scale", g),
+                    ("BatchNorm bias", b),
+                    ("BatchNorm mean", m),
+                    ("BatchNorm variance", v),
+                ]
+            }));
+        for (what, a) in per_channel {
+            if a.data.len() != cout {
+                return Err(Error::GraphMismatch {
+                    path: path.to_path_buf(),
+                    node: c.node.clone(),
+                    expected: format!("`{}`: a {what} of {cout} values", spec.name),
+                    found: format!("{} values", a.data.len()),
+                });
+            }
+        }
         let (gamma, beta, mean, var) = match (c.bn, c.bias) {
             (Some((g, b, m, v, eps)), conv_bias) => {
                 // A conv bias before BatchNorm shifts the mean it subtracts.
@@ -785,7 +1037,8 @@ fn assign(
             if c.kernel == [1, 1]
                 && c.groups == 1
                 && c.act.is_none()
-                && c.weight.dims.len() == 4 =>
+                && c.weight.dims.len() == 4
+                && c.weight.dims[2..] == [1, 1] =>
         {
             let dims = vec![c.weight.dims[0], c.weight.dims[1]];
             Some(Layer::Linear {
@@ -829,6 +1082,27 @@ fn assign(
             "a BatchNormalization after the embedding layer".into(),
         ));
     };
+    for (what, a) in bias
+        .iter()
+        .map(|b| ("bias", b))
+        .chain([("BatchNorm scale", &g), ("BatchNorm bias", &b)])
+        .chain([("BatchNorm mean", &m), ("BatchNorm variance", &v)])
+    {
+        if a.data.len() != e.out_features {
+            return Err(Error::GraphMismatch {
+                path: path.to_path_buf(),
+                node: node.clone(),
+                expected: format!("the embedding layer: a {what} of {} values", e.out_features),
+                found: format!("{} values", a.data.len()),
+            });
+        }
+    }
+    // The arrays take the shapes the checkpoint names them with.
+    let vector = |a: Array| Array {
+        dims: vec![e.out_features],
+        data: a.data,
+    };
+    let (bias, g, b, m, v) = (bias.map(vector), vector(g), vector(b), vector(m), vector(v));
     config.head.bn_eps = eps as f64;
     config.head.fix_gamma = false;
     out.insert(crate::config::EmbeddingSpec::WEIGHT.into(), weight);
@@ -863,17 +1137,32 @@ fn layer_node(layer: &Layer) -> &str {
 /// that of the preset that matched the most layers before its first differing node.
 /// `input_norm` overrides the normalisation; otherwise the graph's own (a leading Sub/Mul)
 /// is used, and failing that the config's.
+///
+/// The file must be a regular file of at most [`super::MAX_FILE_BYTES`]; the config that
+/// comes out passes [`Config::validate`] and the weights are checked against it (present,
+/// shaped, finite).
 pub fn load(
     path: &Path,
     config: Option<&Config>,
     input_norm: Option<InputNorm>,
     device: &Device,
 ) -> Result<(Config, HashMap<String, Tensor>)> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let g = parse_model(&bytes, path)?;
+    let bytes = super::read_regular_file(path, super::MAX_FILE_BYTES)?;
+    load_bytes(&bytes, path, config, input_norm, device)
+}
+
+/// [`load`] on a model's bytes; `path` names it in errors and locates external data.
+pub fn load_bytes(
+    bytes: &[u8],
+    path: &Path,
+    config: Option<&Config>,
+    input_norm: Option<InputNorm>,
+    device: &Device,
+) -> Result<(Config, HashMap<String, Tensor>)> {
+    if let Some(c) = config {
+        c.validate().map_err(|e| e.in_file(path))?;
+    }
+    let g = parse_model(bytes, path)?;
     let (_, norm) = layers(&g, path)?;
     let norm = input_norm.or(norm);
     let candidates: Vec<Config> = match config {
@@ -892,8 +1181,13 @@ pub fn load(
             Ok((config, arrays)) => {
                 let tensors = arrays
                     .into_iter()
-                    .map(|(k, a)| Ok((k, Tensor::from_vec(a.data, a.dims, device)?)))
+                    .map(|(k, a)| {
+                        let t = Tensor::from_vec(a.data, a.dims, device)
+                            .map_err(|e| err(path, format!("weight `{k}`: {e}")))?;
+                        Ok((k, t))
+                    })
                     .collect::<Result<HashMap<_, _>>>()?;
+                crate::checkpoint::check_weights(&config, &tensors, path)?;
                 return Ok((config, tensors));
             }
             Err(e) => {
