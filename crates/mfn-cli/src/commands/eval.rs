@@ -487,7 +487,7 @@ fn print_sets_table(model: &str, sets: &[Scored], flip: bool) {
     println!("flip test {}", if flip { "on" } else { "off" });
     println!();
     println!(
-        "{:<10} {:>6}  {:>16}  {:>16}  {:>8}  {:>7}  {:>14}",
+        "{:<12} {:>6}  {:>16}  {:>16}  {:>8}  {:>7}  {:>14}",
         "set", "pairs", "insightface %", "exact %", "AUC", "EER %", "TAR@FAR=1e-3 %"
     );
     for s in sets {
@@ -498,7 +498,7 @@ fn print_sets_table(model: &str, sets: &[Scored], flip: bool) {
             .find(|t| t.far == TABLE_FAR)
             .map_or(f64::NAN, |t| t.tar * 100.0);
         println!(
-            "{:<10} {:>6}  {:>8.3} ± {:<5.3}  {:>8.3} ± {:<5.3}  {:>8.5}  {:>7.3}  {:>14.3}",
+            "{:<12} {:>6}  {:>8.3} ± {:<5.3}  {:>8.3} ± {:<5.3}  {:>8.5}  {:>7.3}  {:>14.3}",
             s.name,
             r.pairs,
             r.insightface.mean * 100.0,
