@@ -3,36 +3,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{asset, mfn, ok, stderr};
-
-/// Four identities of `per_person` aligned LFW images each.
-fn tiny_set(dir: &Path, per_person: usize) {
-    for name in [
-        "Colin_Powell",
-        "Donald_Rumsfeld",
-        "George_W_Bush",
-        "Tony_Blair",
-    ] {
-        let to = dir.join(name);
-        std::fs::create_dir_all(&to).unwrap();
-        for i in 1..=per_person {
-            let file = format!("{name}_{i:04}.jpg");
-            std::fs::copy(
-                asset(&format!("lfw/aligned-112x112/{name}/{file}")),
-                to.join(&file),
-            )
-            .unwrap();
-        }
-    }
-}
-
-const SMALL: [&str; 8] = [
-    "--width", "0.25", "--batch", "8", "--scale", "16", "--lr", "0.05",
-];
+use common::{asset, mfn, ok, stderr, tiny_set, SMALL};
 
 #[test]
 fn train_writes_a_checkpoint_metrics_and_evaluations() {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{asset, mfn, ok, stderr};
+use common::{asset, mfn, ok, stderr, tiny_set, SMALL};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -227,31 +227,6 @@ fn convert_on_a_full_disk_or_killed_keeps_the_old_model() {
     assert_eq!(threshold(), "0.3");
     assert_eq!(names(dir.path()), ["y1.safetensors"]);
 }
-
-/// Four identities of `per_person` aligned LFW images each.
-fn tiny_set(dir: &Path, per_person: usize) {
-    for name in [
-        "Colin_Powell",
-        "Donald_Rumsfeld",
-        "George_W_Bush",
-        "Tony_Blair",
-    ] {
-        let to = dir.join(name);
-        std::fs::create_dir_all(&to).unwrap();
-        for i in 1..=per_person {
-            let file = format!("{name}_{i:04}.jpg");
-            std::fs::copy(
-                asset(&format!("lfw/aligned-112x112/{name}/{file}")),
-                to.join(&file),
-            )
-            .unwrap();
-        }
-    }
-}
-
-const SMALL: [&str; 8] = [
-    "--width", "0.25", "--batch", "8", "--scale", "16", "--lr", "0.05",
-];
 
 /// The steps `metrics.jsonl` logs, in order.
 fn logged_steps(run: &Path) -> Vec<u64> {

@@ -181,3 +181,29 @@ pub fn golden_embed_diffs(
     }
     (plain, mirrored)
 }
+
+/// Four identities of `per_person` aligned LFW images each.
+pub fn tiny_set(dir: &Path, per_person: usize) {
+    for name in [
+        "Colin_Powell",
+        "Donald_Rumsfeld",
+        "George_W_Bush",
+        "Tony_Blair",
+    ] {
+        let to = dir.join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for i in 1..=per_person {
+            let file = format!("{name}_{i:04}.jpg");
+            std::fs::copy(
+                asset(&format!("lfw/aligned-112x112/{name}/{file}")),
+                to.join(&file),
+            )
+            .unwrap();
+        }
+    }
+}
+
+/// Training flags that make a run take seconds: a quarter-width network, small batches.
+pub const SMALL: [&str; 8] = [
+    "--width", "0.25", "--batch", "8", "--scale", "16", "--lr", "0.05",
+];
