@@ -54,7 +54,8 @@ pub fn load_model(path: &Path) -> Result<(Checkpoint, MobileFaceNet)> {
     Ok((ckpt, model))
 }
 
-/// Cosine scores of every pair of `data`, with their labels and folds.
+/// Cosine scores of every pair of `data`, with their labels and folds; a progress bar on
+/// standard error counts the images embedded.
 pub fn score(model: &MobileFaceNet, data: &DataSet, flip: bool) -> Result<PairScores> {
     let set = match data {
         DataSet::Bin { path, folds } => VerificationSet::bin(path, *folds)
@@ -63,13 +64,20 @@ pub fn score(model: &MobileFaceNet, data: &DataSet, flip: bool) -> Result<PairSc
             .with_context(|| format!("reading {} and its images", pairs.display()))?,
     };
     let [h, w] = model.config().input_size;
+    let bar = indicatif::ProgressBar::new(set.images() as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} embedding {wide_bar} {pos}/{len} [{elapsed_precise}<{eta_precise}, {per_sec}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     let e = set.embed(
         BATCH,
         [w, h],
         &Device::Cpu,
         |x: &Tensor| -> Result<Tensor> { Ok(model.embed(x, flip)?) },
-        |_| {},
+        |done| bar.set_position(done as u64),
     )?;
+    bar.finish_and_clear();
     let scores = mfn_eval::pair_cosines(&e, set.pair_index())?;
     let folds = set
         .folds()

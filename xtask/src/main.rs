@@ -25,6 +25,7 @@ mod depthwise;
 mod eval;
 mod fetch;
 mod machine;
+mod pipeline_bench;
 
 /// Project tasks: model downloads, accuracy and speed gates.
 #[derive(Parser, Debug)]
@@ -47,6 +48,9 @@ enum Command {
     /// Time the training depthwise conv against candle's grouped conv, forward and
     /// backward, and check that they agree.
     BenchDepthwise(depthwise::Args),
+    /// Time photo to embedding (decode, SCRFD, align, w600k_mbf) per photo against ONNX
+    /// Runtime running insightface's pipeline, alternating the two.
+    BenchPipeline(pipeline_bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         Command::Accuracy(a) => accuracy::run(a),
         Command::Bench(a) => bench::run(a),
         Command::BenchDepthwise(a) => depthwise::run(a),
+        Command::BenchPipeline(a) => pipeline_bench::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

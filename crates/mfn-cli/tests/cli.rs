@@ -453,6 +453,17 @@ fn align_and_embed_detect_work_on_photos() {
     ok(mfn(&["align", "--out", out_dir.to_str().unwrap(), &a, &b]));
     let crop = image::open(out_dir.join("Hugo_Chavez_0001.png")).unwrap();
     assert_eq!((crop.width(), crop.height()), (112, 112));
+    // --pick all: one crop per face, numbered.
+    let every = dir.path().join("every");
+    ok(mfn(&[
+        "align",
+        "--pick",
+        "all",
+        "--out",
+        every.to_str().unwrap(),
+        &a,
+    ]));
+    assert!(every.join("Hugo_Chavez_0001_0.png").is_file());
 
     let given = asset("lfw-raw-subset/landmarks.txt");
     let sphere = dir.path().join("sphere");
@@ -477,4 +488,76 @@ fn align_and_embed_detect_work_on_photos() {
     let cos: f32 = e1.iter().zip(&e2).map(|(x, y)| x * y).sum();
     assert!(cos > 0.4, "same person, cosine {cos}");
     assert_eq!(rows[0]["landmarks"].as_array().unwrap().len(), 5);
+}
+
+#[test]
+fn align_keeps_each_photo_folder_and_eval_reads_its_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = [
+        "Colin_Powell/Colin_Powell_0001.jpg",
+        "Colin_Powell/Colin_Powell_0002.jpg",
+        "Colin_Powell/Colin_Powell_0003.jpg",
+        "George_W_Bush/George_W_Bush_0001.jpg",
+    ];
+    let paths: Vec<String> = photos.iter().map(|p| raw(p)).collect();
+    let out = dir.path().join("aligned");
+    let report = dir.path().join("align.json");
+    let mut args = vec![
+        "align",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+        report.to_str().unwrap(),
+    ];
+    args.extend(paths.iter().map(String::as_str));
+    ok(mfn(&args));
+    for p in photos {
+        let crop = out.join(p).with_extension("png");
+        assert!(crop.is_file(), "{} missing", crop.display());
+    }
+    let v = read_json(&report);
+    let crops = v["crops"].as_array().unwrap();
+    assert_eq!(crops.len(), 4);
+    for c in crops {
+        assert_eq!(c["picked_by"], "central");
+        assert_eq!(c["detector"], "scrfd");
+        assert_eq!(c["landmarks"].as_array().unwrap().len(), 5);
+    }
+    // The output is an image folder `eval --images` reads as it is.
+    let pairs = dir.path().join("pairs.txt");
+    std::fs::write(
+        &pairs,
+        "1\t1\nColin_Powell\t1\t2\nColin_Powell\t3\tGeorge_W_Bush\t1\n",
+    )
+    .unwrap();
+    ok(mfn(&[
+        "eval",
+        "--pairs",
+        pairs.to_str().unwrap(),
+        "--images",
+        out.to_str().unwrap(),
+        "--ext",
+        "png",
+    ]));
+
+    // Two photos of the same name in different folders never overwrite each other.
+    for sub in ["a", "b"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+    let (x, y) = (dir.path().join("a/x.jpg"), dir.path().join("b/x.jpg"));
+    std::fs::copy(&paths[0], &x).unwrap();
+    std::fs::copy(&paths[3], &y).unwrap();
+    let twins = dir.path().join("twins");
+    ok(mfn(&[
+        "align",
+        "--out",
+        twins.to_str().unwrap(),
+        x.to_str().unwrap(),
+        y.to_str().unwrap(),
+    ]));
+    let (ax, bx) = (
+        image::open(twins.join("a/x.png")).unwrap(),
+        image::open(twins.join("b/x.png")).unwrap(),
+    );
+    assert_ne!(ax.as_bytes(), bx.as_bytes());
 }

@@ -42,8 +42,10 @@ fn sha(p: &Path) -> String {
     mfn_hub::sha256_file(p).unwrap()
 }
 
-/// A registry file of test pins: `set` names served from the shared `.bin` files, and
-/// MTCNN's nets from the shared copies (in one Hub folder, as the detector needs them).
+/// A registry file of test pins: `set` names served from the shared `.bin` files, MTCNN's
+/// nets from the shared copies (in one Hub folder, as the detector needs them), and
+/// `scrfd_500m` (insightface's `det_500m`, which the assets folder lacks) served as the
+/// other export of the same network that it holds.
 fn test_pins(dir: &Path, sets: &[(&str, &str)]) -> PathBuf {
     let mut entries = Vec::new();
     for (name, rel) in sets {
@@ -67,6 +69,15 @@ fn test_pins(dir: &Path, sets: &[(&str, &str)]) -> PathBuf {
             std::fs::metadata(&f).unwrap().len()
         ));
     }
+    let rel = "models/scrfd-500m/scrfd_500m_bnkps.onnx";
+    let f = asset(rel);
+    entries.push(format!(
+        r#"{{"name": "scrfd_500m", "kind": "detector", "sha256": "{}", "size": {},
+            "source": {{"hub": {{"repo": "mfn-test/assets", "revision": "main",
+              "path": "{rel}"}}}}}}"#,
+        sha(&f),
+        std::fs::metadata(&f).unwrap().len()
+    ));
     let path = dir.join("test-pins.json");
     std::fs::write(
         &path,

@@ -76,6 +76,17 @@ impl BinSet {
     /// two images, even where pairs share an image. Fails before reading anything when an
     /// image is missing.
     pub fn from_pairs(pairs: &Pairs, root: &Path, ext: &str) -> Result<Self> {
+        Self::from_pairs_with_progress(pairs, root, ext, |_| {})
+    }
+
+    /// [`BinSet::from_pairs`], calling `read(bytes)` after each image file is read (from
+    /// several threads), for a progress bar.
+    pub fn from_pairs_with_progress(
+        pairs: &Pairs,
+        root: &Path,
+        ext: &str,
+        read: impl Fn(usize) + Sync,
+    ) -> Result<Self> {
         let paths: Vec<PathBuf> = pairs
             .pairs
             .iter()
@@ -93,10 +104,12 @@ impl BinSet {
         let images = paths
             .par_iter()
             .map(|path| {
-                std::fs::read(path).map_err(|source| Error::Io {
+                let bytes = std::fs::read(path).map_err(|source| Error::Io {
                     path: path.clone(),
                     source,
-                })
+                })?;
+                read(bytes.len());
+                Ok(bytes)
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {

@@ -102,22 +102,6 @@ pub enum Error {
         message: String,
     },
 
-    /// A photo has no face the detector can find.
-    #[error("{path}: no face found")]
-    NoFace {
-        /// The photo.
-        path: PathBuf,
-    },
-
-    /// The face detector could not be loaded or run.
-    #[error("{path}: {message}")]
-    Detector {
-        /// The detector's weights, or the image being searched.
-        path: PathBuf,
-        /// What was wrong.
-        message: String,
-    },
-
     /// A RecordIO (`.rec`) file is malformed where a record should be.
     #[error("{path}: byte {offset}: {message}")]
     RecordIo {
@@ -183,6 +167,10 @@ pub enum Error {
     /// The tensor library failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    /// The network failed to load or run (the loader embeds batches with it).
+    #[error(transparent)]
+    Model(#[from] mfn_model::Error),
 }
 
 fn list_paths(paths: &[PathBuf]) -> String {

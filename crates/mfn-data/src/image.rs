@@ -247,3 +247,38 @@ fn decode_batch(
 pub fn missing_files(paths: &[PathBuf]) -> Vec<PathBuf> {
     paths.par_iter().filter(|p| !p.is_file()).cloned().collect()
 }
+
+/// Stacks same-sized RGB images into one `[N, 3, H, W]` tensor of pixels in `0..=255`.
+///
+/// The images carry no file names, so nothing here can say which file has the wrong size
+/// for a network: for files that must already be aligned crops, decode them with
+/// [`crate::decode_rgb_sized`] (or [`crate::load_batch`]), whose errors name the file and
+/// both sizes.
+pub fn images_to_tensor(images: &[&RgbImage], device: &Device) -> Result<Tensor> {
+    let Some(first) = images.first() else {
+        return Err(Error::Alignment {
+            message: "no images to stack".into(),
+        });
+    };
+    let (w, h) = first.dimensions();
+    let per = 3 * (w * h) as usize;
+    let mut data = vec![0f32; images.len() * per];
+    for (i, (img, out)) in images.iter().zip(data.chunks_exact_mut(per)).enumerate() {
+        if img.dimensions() != (w, h) {
+            return Err(Error::Alignment {
+                message: format!(
+                    "cannot stack a {}x{} image with {w}x{h} ones (image {i} of {})",
+                    img.width(),
+                    img.height(),
+                    images.len()
+                ),
+            });
+        }
+        rgb_to_chw(img, out);
+    }
+    Ok(Tensor::from_vec(
+        data,
+        (images.len(), 3, h as usize, w as usize),
+        device,
+    )?)
+}

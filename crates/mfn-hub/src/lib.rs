@@ -13,12 +13,17 @@ pub use pretrained::{
     find_threshold, threshold_for_file, Pretrained, ThresholdOrigin, VerificationThreshold,
 };
 pub use registry::{
-    Entry, Equivalent, HubFile, Kind, ModelInfo, Registry, RepoType, Source, Threshold, UrlFile,
+    Entry, Equivalent, HubFile, Kind, ModelInfo, Pack, Registry, RepoType, Source, Threshold,
+    UrlFile,
 };
 pub use resolve::{sha256_file, Origin, Resolved, Resolver};
 
 /// The model `mfn-cli` and the pipeline use when none is named: insightface's `w600k_mbf`.
 pub const DEFAULT_MODEL: &str = "w600k_mbf";
+
+/// The detector and model pack the pipeline uses when none is named: SCRFD-500M and
+/// `w600k_mbf`, as insightface's `buffalo_s`.
+pub const DEFAULT_PACK: &str = "buffalo_s";
 
 /// The verification sets of insightface's benchmark table, in its order.
 pub const SETS: &[&str] = &["lfw", "cfp_fp", "agedb_30", "calfw", "cplfw", "cfp_ff"];
@@ -137,6 +142,22 @@ impl Hub {
                 resolve::ASSETS_ENV
             ))),
         }
+    }
+
+    /// The first of `names` that is at hand without a download (assets folder or cache),
+    /// else the first, downloaded: for entries that hold the same network in different
+    /// files (a pack's detector exports).
+    pub fn first_at_hand(&self, names: &[String]) -> Result<Resolved> {
+        let Some(first) = names.first() else {
+            return Err(Error::Setting("no entry names given".into()));
+        };
+        for name in names {
+            let entry = self.registry.get(name)?;
+            if self.resolver.at_hand(entry) {
+                return self.resolver.resolve(entry);
+            }
+        }
+        self.file(first)
     }
 
     /// The model called `name`, converted to the native format on first use.

@@ -215,6 +215,26 @@ pub(crate) fn hub_url(endpoint: &str, h: &HubFile) -> String {
     )
 }
 
+/// A detector and a recognition model that are used together, as insightface's model
+/// packs (`buffalo_s`) ship them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pack {
+    /// The name users and code ask for (`buffalo_s`).
+    pub name: String,
+    /// What it is, for people reading the registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub about: Option<String>,
+    /// The detector's network (`scrfd`, `mtcnn`, `retinaface`).
+    pub detector_network: String,
+    /// Detector entries that hold the same network, in order of preference: the first
+    /// one found without a download (assets folder or cache) is used, else the first is
+    /// downloaded.
+    pub detector: Vec<String>,
+    /// The recognition model's entry.
+    pub model: String,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
@@ -222,12 +242,15 @@ struct File {
     #[serde(default, rename = "about")]
     _about: Option<serde_json::Value>,
     entries: Vec<Entry>,
+    #[serde(default)]
+    packs: Vec<Pack>,
 }
 
-/// A set of pinned files, by name.
+/// A set of pinned files, by name, and the packs made of them.
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     entries: BTreeMap<String, Entry>,
+    packs: BTreeMap<String, Pack>,
 }
 
 impl Registry {
@@ -291,7 +314,24 @@ impl Registry {
                 return Err(bad(format!("the name `{name}` appears twice")));
             }
         }
-        let reg = Self { entries };
+        let mut packs = BTreeMap::new();
+        for p in file.packs {
+            if !safe_name(&p.name) {
+                return Err(bad(format!(
+                    "pack `{}`: the name may only hold letters, digits, `-`, `_` and `.`",
+                    p.name
+                )));
+            }
+            if p.detector.is_empty() {
+                return Err(bad(format!("pack `{}` names no detector", p.name)));
+            }
+            let name = p.name.clone();
+            if packs.insert(name.clone(), p).is_some() {
+                return Err(bad(format!("the pack `{name}` appears twice")));
+            }
+        }
+        let reg = Self { entries, packs };
+        reg.check_packs().map_err(bad)?;
         for e in reg.entries.values() {
             for c in e.model.iter().flat_map(|m| &m.companions) {
                 if !reg.entries.contains_key(c) {
@@ -305,9 +345,55 @@ impl Registry {
         Ok(reg)
     }
 
-    /// Adds `other`'s entries, replacing those of the same name.
+    /// Adds `other`'s entries and packs, replacing those of the same name.
     pub fn extend(&mut self, other: Registry) {
         self.entries.extend(other.entries);
+        self.packs.extend(other.packs);
+    }
+
+    /// Every pack's entries exist and are of the right kind.
+    fn check_packs(&self) -> std::result::Result<(), String> {
+        for p in self.packs.values() {
+            let kinds = p
+                .detector
+                .iter()
+                .map(|d| (d, Kind::Detector))
+                .chain([(&p.model, Kind::Model)]);
+            for (name, kind) in kinds {
+                match self.entries.get(name) {
+                    Some(e) if e.kind == kind => {}
+                    Some(e) => {
+                        return Err(format!(
+                            "pack `{}`: `{name}` is a {} entry, not a {}",
+                            p.name,
+                            e.kind.as_str(),
+                            kind.as_str()
+                        ))
+                    }
+                    // Packs may name entries an overlay file adds later; `pack` checks again.
+                    None => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The pack called `name` (`buffalo_s`), whose entries are all in the registry.
+    pub fn pack(&self, name: &str) -> Result<&Pack> {
+        let p = self.packs.get(name).ok_or_else(|| Error::UnknownName {
+            name: name.to_string(),
+            known: self.pack_names().collect::<Vec<_>>().join(", "),
+        })?;
+        for d in &p.detector {
+            self.get_kind(d, Kind::Detector)?;
+        }
+        self.get_kind(&p.model, Kind::Model)?;
+        Ok(p)
+    }
+
+    /// Every pack's name, sorted.
+    pub fn pack_names(&self) -> impl Iterator<Item = &str> {
+        self.packs.keys().map(String::as_str)
     }
 
     /// The entry called `name`.

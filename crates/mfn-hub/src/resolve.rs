@@ -184,6 +184,16 @@ impl Resolver {
         }
     }
 
+    /// Whether `entry`'s file is in the assets folder or the cache, so that
+    /// [`Resolver::resolve`] needs no download (its checksum is not checked here).
+    pub fn at_hand(&self, entry: &Entry) -> bool {
+        let in_assets = match (&self.assets, &entry.assets) {
+            (Some(root), Some(rel)) => root.join(rel).is_file(),
+            _ => false,
+        };
+        in_assets || self.cache_path(entry).is_file()
+    }
+
     /// The file of `entry`, checked against its pin.
     pub fn resolve(&self, entry: &Entry) -> Result<Resolved> {
         if let (Some(root), Some(rel)) = (&self.assets, &entry.assets) {

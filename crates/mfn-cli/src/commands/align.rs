@@ -1,13 +1,16 @@
-//! `mfn-cli align`: photos in, aligned face crops out.
+//! `mfn-cli align`: photos in, aligned face crops out, in the same folder layout.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::collections::{HashMap, HashSet};
+use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use mfn_data::align::{align, read_landmarks_file, Landmarks};
-use mfn_data::face::Pick;
+use serde_json::json;
 
-use super::{args, template_for, write_atomic_with, DetectorArgs};
+use super::{
+    args, check_output, progress, template_for, write_atomic, write_atomic_with, DetectorArgs,
+    PickArg,
+};
 
 /// Arguments of `mfn-cli align`.
 #[derive(clap::Args, Debug)]
@@ -20,12 +23,19 @@ pub struct Args {
     /// each side 16..=1024.
     #[arg(long, default_value = "112x112", value_parser = args::crop_size)]
     size: [u32; 2],
-    /// Keep every detected face, not only the largest.
-    #[arg(long)]
-    all: bool,
-    /// Folder for the crops (`<photo stem>.png`, or `<stem>_<k>.png` with --all).
+    /// Folder for the crops. Each photo's path below --root is kept, with the extension
+    /// `.png` (`Name/Name_0001.jpg` -> `OUT/Name/Name_0001.png`; with `--pick all`,
+    /// `Name_0001_<k>.png`), so `eval --images OUT --ext png` reads the output as it is.
     #[arg(long)]
     out: PathBuf,
+    /// The folder the photos' paths are taken relative to [default: the deepest folder
+    /// that holds them all].
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Also write, as JSON, each crop's photo, face (box, score, landmarks), the rule that
+    /// picked it and the alignment's residual.
+    #[arg(long)]
+    json: Option<PathBuf>,
     #[command(flatten)]
     detector: DetectorArgs,
     /// Photos.
@@ -43,21 +53,97 @@ fn find_landmarks<'a>(
         .map(|(_, l)| l)
 }
 
+/// The photos' paths below their root: `--root`, or the deepest folder holding them all.
+/// Paths are compared as written, made absolute against the working folder, without
+/// following links.
+fn relative_paths(images: &[PathBuf], root: Option<&Path>) -> Result<Vec<PathBuf>> {
+    let abs = |p: &Path| {
+        std::path::absolute(p).with_context(|| format!("{}: cannot make it absolute", p.display()))
+    };
+    let images: Vec<PathBuf> = images.iter().map(|p| abs(p)).collect::<Result<_>>()?;
+    let root = match root {
+        Some(r) => abs(r)?,
+        None => {
+            let mut common: Vec<Component> = images[0]
+                .parent()
+                .map(|p| p.components().collect())
+                .unwrap_or_default();
+            for p in &images[1..] {
+                let parent: Vec<Component> = p
+                    .parent()
+                    .map(|p| p.components().collect())
+                    .unwrap_or_default();
+                let same = common
+                    .iter()
+                    .zip(&parent)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                common.truncate(same);
+            }
+            common.iter().collect()
+        }
+    };
+    let mut seen = HashSet::new();
+    images
+        .iter()
+        .map(|p| {
+            let rel = p.strip_prefix(&root).map_err(|_| {
+                anyhow::anyhow!("{}: not inside --root {}", p.display(), root.display())
+            })?;
+            if rel.components().any(|c| !matches!(c, Component::Normal(_)))
+                || rel.as_os_str().is_empty()
+            {
+                bail!(
+                    "{}: its path below {} climbs out of it",
+                    p.display(),
+                    root.display()
+                );
+            }
+            if !seen.insert(rel.to_path_buf()) {
+                bail!("{}: given twice", p.display());
+            }
+            Ok(rel.to_path_buf())
+        })
+        .collect()
+}
+
+/// `OUT/<rel with extension png>`, or `..._<k>.png` for one of several faces.
+fn crop_path(out: &Path, rel: &Path, face: Option<usize>) -> PathBuf {
+    let stem = rel
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match face {
+        Some(k) => format!("{stem}_{k}.png"),
+        None => format!("{stem}.png"),
+    };
+    out.join(rel).with_file_name(name)
+}
+
+/// Writes a crop, creating its folder.
+fn write_crop(path: &Path, crop: &mfn_data::align::Aligned) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    write_atomic_with(path, |tmp| crop.image.save(tmp))
+}
+
 /// Runs the command.
 pub fn run(args: Args) -> Result<()> {
+    if let Some(path) = &args.json {
+        check_output(path, "--json")?;
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     mfn_train::atomic::check_writable(&args.out)
         .with_context(|| format!("--out {}: cannot create files there", args.out.display()))?;
-    let stem = |p: &Path| {
-        p.file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
+    let rels = relative_paths(&args.images, args.root.as_deref())?;
+    let bar = progress(args.images.len(), "aligning");
+    let mut report = Vec::new();
     if let Some(file) = &args.landmarks {
         let table: HashMap<PathBuf, Landmarks> = read_landmarks_file(file)?.into_iter().collect();
         let template = template_for(args.size)?;
-        for image in &args.images {
+        for (image, rel) in args.images.iter().zip(&rels) {
             let Some(points) = find_landmarks(&table, image) else {
                 bail!(
                     "{}: no landmarks for it in {}",
@@ -68,37 +154,94 @@ pub fn run(args: Args) -> Result<()> {
             let photo = mfn_data::decode_rgb(image)?;
             let a = align(&photo, points, &template, args.size)
                 .with_context(|| format!("aligning {}", image.display()))?;
-            let out = args.out.join(format!("{}.png", stem(image)));
-            write_atomic_with(&out, |tmp| a.image.save(tmp))?;
-            println!(
-                "{}\t{}\tresidual {:.2}px",
-                image.display(),
-                out.display(),
-                a.residual
-            );
+            let out = crop_path(&args.out, rel, None);
+            write_crop(&out, &a)?;
+            bar.suspend(|| {
+                println!(
+                    "{}\t{}\tresidual {:.2}px",
+                    image.display(),
+                    out.display(),
+                    a.residual
+                )
+            });
+            report.push(json!({
+                "photo": image.display().to_string(),
+                "crop": out.display().to_string(),
+                "landmarks": points,
+                "residual": a.residual,
+            }));
+            bar.inc(1);
         }
-        return Ok(());
+    } else {
+        let aligner = args.detector.aligner(args.size)?;
+        let all = args.detector.pick == PickArg::All;
+        for (image, rel) in args.images.iter().zip(&rels) {
+            let faces = aligner.faces_in_file(image)?;
+            if faces.is_empty() {
+                bail!("{}: no face found", image.display());
+            }
+            for (k, f) in faces.iter().enumerate() {
+                let out = crop_path(&args.out, rel, all.then_some(k));
+                write_crop(&out, &f.aligned)?;
+                bar.suspend(|| {
+                    println!(
+                        "{}\t{}\tscore {:.3}\tresidual {:.2}px",
+                        image.display(),
+                        out.display(),
+                        f.face.score,
+                        f.aligned.residual
+                    )
+                });
+                report.push(json!({
+                    "photo": image.display().to_string(),
+                    "crop": out.display().to_string(),
+                    "face": k,
+                    "picked_by": f.picked_by.name(),
+                    "detector": aligner.detector().name(),
+                    "bbox": f.face.bbox,
+                    "score": f.face.score,
+                    "landmarks": f.face.landmarks,
+                    "residual": f.aligned.residual,
+                }));
+            }
+            bar.inc(1);
+        }
     }
-    let aligner = args.detector.aligner(args.size)?;
-    let pick = if args.all { Pick::All } else { Pick::Largest };
-    for image in &args.images {
-        let faces = aligner.faces_in_file(image, pick)?;
-        for (k, f) in faces.iter().enumerate() {
-            let name = if args.all {
-                format!("{}_{k}.png", stem(image))
-            } else {
-                format!("{}.png", stem(image))
-            };
-            let out = args.out.join(name);
-            write_atomic_with(&out, |tmp| f.aligned.image.save(tmp))?;
-            println!(
-                "{}\t{}\tscore {:.3}\tresidual {:.2}px",
-                image.display(),
-                out.display(),
-                f.detection.score,
-                f.aligned.residual
-            );
-        }
+    bar.finish_and_clear();
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&json!({ "crops": report }))?;
+        write_atomic(path, text.as_bytes())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn photos_keep_their_folders_below_the_common_root() {
+        let images = [
+            PathBuf::from("/d/lfw/a/a_0001.jpg"),
+            PathBuf::from("/d/lfw/b/a_0001.jpg"),
+        ];
+        let rels = relative_paths(&images, None).unwrap();
+        assert_eq!(
+            rels,
+            [PathBuf::from("a/a_0001.jpg"), PathBuf::from("b/a_0001.jpg")]
+        );
+        let out = Path::new("/o");
+        assert_eq!(crop_path(out, &rels[0], None), Path::new("/o/a/a_0001.png"));
+        assert_eq!(
+            crop_path(out, &rels[1], Some(2)),
+            Path::new("/o/b/a_0001_2.png")
+        );
+        // One photo: its own folder is the root.
+        let one = relative_paths(&images[..1], None).unwrap();
+        assert_eq!(one, [PathBuf::from("a_0001.jpg")]);
+        let rooted = relative_paths(&images[..1], Some(Path::new("/d"))).unwrap();
+        assert_eq!(rooted, [PathBuf::from("lfw/a/a_0001.jpg")]);
+        assert!(relative_paths(&images[..1], Some(Path::new("/elsewhere"))).is_err());
+        assert!(relative_paths(&[images[0].clone(), images[0].clone()], None).is_err());
+    }
 }

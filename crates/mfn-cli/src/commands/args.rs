@@ -124,6 +124,24 @@ pub fn face_size(s: &str) -> Result<f32, String> {
     Ok(v as f32)
 }
 
+/// SCRFD's input sizing: `letterbox:N` or `fit:N`, N a multiple of 32 in 32..=4096.
+pub fn det_size(s: &str) -> Result<mfn_detect::scrfd::InputSize, String> {
+    use mfn_detect::scrfd::InputSize;
+    let bad = || format!("`{s}` is not letterbox:N or fit:N");
+    let (kind, n) = s.split_once(':').ok_or_else(bad)?;
+    let n: u32 = n.trim().parse().map_err(|_| bad())?;
+    if !(32..=4096).contains(&n) || n % 32 != 0 {
+        return Err(format!(
+            "{n}: the side must be a multiple of 32 in 32..=4096"
+        ));
+    }
+    match kind {
+        "letterbox" => Ok(InputSize::Letterbox(n)),
+        "fit" => Ok(InputSize::Fit { max_side: n }),
+        _ => Err(bad()),
+    }
+}
+
 /// An image file extension: 1 to 8 letters or digits (it is joined to file names).
 pub fn extension(s: &str) -> Result<String, String> {
     let ext = s.strip_prefix('.').unwrap_or(s);

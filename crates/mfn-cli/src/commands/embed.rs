@@ -6,7 +6,9 @@ use anyhow::Result;
 use candle_core::Device;
 use serde_json::json;
 
-use super::{args, check_output, image_size, load_model_on, write_atomic, DetectorArgs, RunArgs};
+use super::{
+    args, check_output, image_size, load_model_on, progress, write_atomic, DetectorArgs, RunArgs,
+};
 
 /// Arguments of `mfn-cli embed`.
 #[derive(clap::Args, Debug)]
@@ -27,12 +29,9 @@ pub struct Args {
     /// Write the JSON here instead of to standard output.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// The images are photos: find, align and embed the largest face of each.
+    /// The images are photos: find, align and embed the face each is about (see --pick).
     #[arg(long)]
     detect: bool,
-    /// With --detect, embed every face, not only the largest.
-    #[arg(long, requires = "detect")]
-    all: bool,
     #[command(flatten)]
     detector: DetectorArgs,
     #[command(flatten)]
@@ -62,6 +61,10 @@ pub fn run(args: Args) -> Result<()> {
     if args.detect {
         return run_detect(&args, &ckpt, &model, &device);
     }
+    let bar = progress(args.images.len(), "embedding");
+    if args.images.len() <= args.batch {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     // Batches are decoded on the CPU and moved to the device here, on this thread.
     let rows = mfn_data::embed_images(
         &args.images,
@@ -76,8 +79,9 @@ pub fn run(args: Args) -> Result<()> {
                 model.embed(&x, args.flip)?
             })
         },
-        |_| {},
+        |done| bar.set_position(done as u64),
     )?;
+    bar.finish_and_clear();
     for (p, e) in args.images.iter().zip(&rows) {
         finite(e, p, &ckpt)?;
     }
@@ -90,7 +94,8 @@ pub fn run(args: Args) -> Result<()> {
     write_output(&args, &ckpt, images)
 }
 
-/// `--detect`: photos in, one entry per face.
+/// `--detect`: photos in, one entry per face, through the library's pipeline with the
+/// model already loaded.
 fn run_detect(
     args: &Args,
     ckpt: &mfn_model::Checkpoint,
@@ -99,16 +104,18 @@ fn run_detect(
 ) -> Result<()> {
     let size = image_size(model.config()).map(|v| v as u32);
     let aligner = args.detector.aligner(size)?;
-    let pick = if args.all {
-        mfn_data::face::Pick::All
-    } else {
-        mfn_data::face::Pick::Largest
-    };
+    let bar = progress(args.images.len(), "detecting and embedding");
+    if args.images.len() < 4 {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     let mut entries = Vec::new();
     for path in &args.images {
-        let faces = aligner.faces_in_file(path, pick)?;
+        let faces = aligner.faces_in_file(path)?;
+        if faces.is_empty() {
+            anyhow::bail!("{}: no face found", path.display());
+        }
         let crops: Vec<_> = faces.iter().map(|f| &f.aligned.image).collect();
-        let x = mfn_data::face::images_to_tensor(&crops, &Device::Cpu)?.to_device(device)?;
+        let x = mfn_data::images_to_tensor(&crops, &Device::Cpu)?.to_device(device)?;
         let e: Vec<Vec<f32>> = if args.no_normalize {
             model.forward(&x)?.to_vec2()?
         } else {
@@ -119,13 +126,17 @@ fn run_detect(
             entries.push(json!({
                 "path": path.display().to_string(),
                 "face": k,
-                "bbox": f.detection.bbox,
-                "score": f.detection.score,
-                "landmarks": f.detection.landmarks,
+                "picked_by": f.picked_by.name(),
+                "detector": aligner.detector().name(),
+                "bbox": f.face.bbox,
+                "score": f.face.score,
+                "landmarks": f.face.landmarks,
                 "embedding": e,
             }));
         }
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     write_output(args, ckpt, entries)
 }
 

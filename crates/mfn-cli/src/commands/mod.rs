@@ -278,74 +278,110 @@ pub fn image_size(config: &Config) -> [usize; 2] {
 /// The metadata key of a model's verification threshold (a cosine).
 pub const THRESHOLD_KEY: &str = mfn_hub::pretrained::THRESHOLD_KEY;
 
-/// Which face detector to use and where its weights are.
+/// Which face detector to use, where its weights are, and which face of a photo counts.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DetectorArgs {
     /// Face detector.
-    #[arg(long, value_enum, default_value_t = DetectorKind::Mtcnn)]
-    pub detector: DetectorKind,
-    /// Detector weights: MTCNN's folder (`pnet.pt`, `rnet.pt`, `onet.pt`) or RetinaFace's
-    /// `mobilenet0.25_Final.pth` [default: the registry's pinned copies, from $MFN_ASSETS,
-    /// the cache or their public sources].
+    #[arg(long, value_enum, default_value_t = DetectorChoice::Scrfd)]
+    pub detector: DetectorChoice,
+    /// Detector weights: SCRFD's `.onnx`, RetinaFace's `mobilenet0.25_Final.pth`, or
+    /// MTCNN's folder (`pnet.pt`, `rnet.pt`, `onet.pt`) [default: the registry's pinned
+    /// copies, from $MFN_ASSETS, the cache or their public sources].
     #[arg(long)]
     pub detector_weights: Option<PathBuf>,
-    /// Smallest face to look for, in pixels (0..=10000).
-    #[arg(long, default_value_t = 20.0, allow_negative_numbers = true, value_parser = args::face_size)]
-    pub min_face: f32,
+    /// MTCNN and RetinaFace: smallest face to look for, in pixels (0..=10000) [default: 20].
+    #[arg(long, allow_negative_numbers = true, value_parser = args::face_size)]
+    pub min_face: Option<f32>,
+    /// SCRFD: how photos are sized for the network: `fit:N` scales photos whose longer
+    /// side exceeds N down to N and pads to a multiple of 32, never up; `letterbox:N` is
+    /// insightface's (longer side scaled to N, up or down, on an NxN canvas)
+    /// [default: letterbox:640].
+    #[arg(long, value_parser = args::det_size)]
+    pub det_size: Option<mfn_detect::scrfd::InputSize>,
+    /// Which face of a photo counts: `central` (insightface's rank: box area less twice
+    /// the squared distance of its centre from the photo's), `largest`, or `all`.
+    #[arg(long, value_enum, default_value_t = PickArg::Central)]
+    pub pick: PickArg,
 }
 
 /// The detectors `mfn-cli` knows.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DetectorKind {
-    /// MTCNN (facenet-pytorch weights): the more precise landmarks.
+pub enum DetectorChoice {
+    /// SCRFD-500M with keypoints (insightface's `det_500m`, as in `buffalo_s`).
+    Scrfd,
+    /// MTCNN (facenet-pytorch weights).
     Mtcnn,
-    /// RetinaFace-MobileNet-0.25: faster on large photos.
+    /// RetinaFace-MobileNet-0.25.
     Retinaface,
 }
 
-impl DetectorArgs {
-    /// A face aligner for crops of `size` (width, height) in the ArcFace layout.
-    pub fn aligner(&self, size: [u32; 2]) -> Result<mfn_data::face::FaceAligner> {
-        let device = Device::Cpu;
-        let detector = match self.detector {
-            DetectorKind::Mtcnn => {
-                let dir = match &self.detector_weights {
-                    Some(d) => d.clone(),
-                    None => {
-                        let hub = hub()?;
-                        let mut dirs = Vec::new();
-                        for net in ["mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet"] {
-                            let p = pinned_file(&hub, net)?;
-                            dirs.push(p.parent().map(Path::to_path_buf).unwrap_or_default());
-                        }
-                        dirs.dedup();
-                        if dirs.len() != 1 {
-                            bail!("MTCNN's three nets were found in different folders: {dirs:?}");
-                        }
-                        dirs.remove(0)
-                    }
-                };
-                mfn_data::detect::Detector::mtcnn(&dir, &device)
-            }
-            DetectorKind::Retinaface => {
-                let path = match &self.detector_weights {
-                    Some(p) => p.clone(),
-                    None => pinned_file(&hub()?, "retinaface_mnet025")?,
-                };
-                mfn_data::detect::Detector::retinaface(&path, &device)
-            }
+impl DetectorChoice {
+    /// The library's name for it.
+    pub fn kind(self) -> mfn_detect::DetectorKind {
+        match self {
+            Self::Scrfd => mfn_detect::DetectorKind::Scrfd,
+            Self::Mtcnn => mfn_detect::DetectorKind::Mtcnn,
+            Self::Retinaface => mfn_detect::DetectorKind::RetinaFace,
         }
-        .context("loading the face detector")?;
-        let template = template_for(size)?;
-        Ok(mfn_data::face::FaceAligner {
-            detector,
-            options: mfn_data::detect::DetectorOptions {
-                min_face: self.min_face,
-                ..Default::default()
-            },
-            template,
-            size,
-        })
+    }
+}
+
+/// `--pick`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PickArg {
+    /// insightface's `max_num=1` rank: the subject a photo is framed on.
+    Central,
+    /// The largest box.
+    Largest,
+    /// Every face.
+    All,
+}
+
+impl PickArg {
+    /// The library's rule.
+    pub fn pick(self) -> mfn_detect::Pick {
+        match self {
+            Self::Central => mfn_detect::Pick::Central,
+            Self::Largest => mfn_detect::Pick::Largest,
+            Self::All => mfn_detect::Pick::All,
+        }
+    }
+}
+
+impl DetectorArgs {
+    /// A pipeline builder with these choices and the environment's registry.
+    pub fn builder(&self) -> Result<mfn_detect::PipelineBuilder> {
+        if self.detector != DetectorChoice::Scrfd {
+            if let Some(size) = &self.det_size {
+                bail!(
+                    "--det-size {size:?}: sizes SCRFD's input; --detector {} sizes its own",
+                    self.detector.kind()
+                );
+            }
+        } else if self.min_face.is_some() {
+            bail!("--min-face: SCRFD has no smallest-face setting (its score threshold decides); use it with --detector mtcnn or retinaface");
+        }
+        let mut b = mfn_detect::Pipeline::builder()
+            .hub(hub()?)
+            .detector(self.detector.kind())
+            .pick(self.pick.pick());
+        if let Some(p) = &self.detector_weights {
+            b = b.detector_weights(p);
+        }
+        if let Some(m) = self.min_face {
+            b = b.min_face(m);
+        }
+        if let Some(size) = self.det_size {
+            b = b.scrfd_input(size);
+        }
+        Ok(b)
+    }
+
+    /// Finds and aligns faces for crops of `size` (width, height).
+    pub fn aligner(&self, size: [u32; 2]) -> Result<mfn_detect::pipeline::FaceAligner> {
+        self.builder()?
+            .build_aligner(size)
+            .context("loading the face detector")
     }
 }
 
@@ -359,4 +395,17 @@ pub fn template_for(size: [u32; 2]) -> Result<mfn_data::align::Landmarks> {
         Template::Arcface
     };
     Ok(template(kind, [size[0] as usize, size[1] as usize])?)
+}
+
+/// A progress bar with a rate and ETA on standard error, for `len` items of `what`;
+/// hidden when standard error is not a terminal.
+pub fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} {{wide_bar}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}, {{per_sec}}]"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
 }

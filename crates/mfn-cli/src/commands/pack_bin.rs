@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use mfn_data::{BinSet, Pairs};
 
-use super::{args, check_output, write_atomic};
+use super::{args, check_output, progress, write_atomic};
 
 /// Arguments of `mfn-cli pack-bin`.
 #[derive(clap::Args, Debug)]
@@ -30,8 +30,10 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     check_output(&args.out, "--out")?;
     let pairs = Pairs::read(&args.pairs)?;
-    let set = BinSet::from_pairs(&pairs, &args.images, &args.ext)
+    let bar = progress(2 * pairs.pairs.len(), "reading images");
+    let set = BinSet::from_pairs_with_progress(&pairs, &args.images, &args.ext, |_| bar.inc(1))
         .with_context(|| format!("packing the images that {} names", args.pairs.display()))?;
+    bar.finish_and_clear();
     set.validate(&args.out)?;
     write_atomic(&args.out, &set.to_pickle())?;
     let bytes: usize = set.images.iter().map(Vec::len).sum();

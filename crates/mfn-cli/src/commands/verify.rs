@@ -2,12 +2,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
-use candle_core::Device;
-use mfn_data::face::{images_to_tensor, Pick};
+use anyhow::{Context, Result};
+use mfn_detect::{Decision, EmbeddedFace, Pick};
 use serde_json::json;
 
-use super::{args, check_output, hub, image_size, load_model, write_atomic, DetectorArgs};
+use super::{args, check_output, load_checkpoint, write_atomic, DetectorArgs, PickArg};
 
 /// Arguments of `mfn-cli verify`.
 #[derive(clap::Args, Debug)]
@@ -43,82 +42,71 @@ pub fn run(args: Args) -> Result<bool> {
     if let Some(path) = &args.json {
         check_output(path, "--json")?;
     }
-    let (ckpt, model) = load_model(args.model.clone(), None)?;
-    let (threshold, from, derivation) = match args.threshold {
-        Some(t) => (
-            t,
-            "--threshold".to_string(),
-            "given on the command line".to_string(),
-        ),
-        None => match mfn_hub::find_threshold(&hub()?.registry, &ckpt)? {
-            Some(t) => {
-                // A registry model's converted copy carries the entry's threshold.
-                let registry_entry = t
-                    .derivation
-                    .strip_prefix("registry entry `")
-                    .and_then(|r| r.split_once('`'))
-                    .map(|(name, _)| name.to_string());
-                let from = match (&t.origin, registry_entry) {
-                    (mfn_hub::ThresholdOrigin::Registry { entry }, _) => {
-                        format!("registry entry `{entry}`")
-                    }
-                    (mfn_hub::ThresholdOrigin::Metadata, Some(entry)) => {
-                        format!("registry entry `{entry}`")
-                    }
-                    (mfn_hub::ThresholdOrigin::Metadata, None) => {
-                        format!("the metadata of {}", ckpt.source.display())
-                    }
-                };
-                (t.cosine, from, t.derivation)
-            }
-            None => bail!(
-                "{} has no verification threshold: neither its metadata nor the registry \
-                 (by the sha256 of its weights) gives one. Pass --threshold, or measure one \
-                 with `mfn-cli convert` then `mfn-cli eval --model MODEL.safetensors \
-                 --save-threshold`",
-                ckpt.source.display()
-            ),
-        },
-    };
-    eprintln!("threshold {threshold:.4} from {from}");
-    let size = image_size(model.config()).map(|v| v as u32);
-    let crops = if args.aligned {
+    if args.detector.pick == PickArg::All {
+        anyhow::bail!("--pick all: verify compares one face per photo; use central or largest");
+    }
+    let ckpt = load_checkpoint(args.model.clone(), None)?;
+    let mut builder = args
+        .detector
+        .builder()?
+        .checkpoint(ckpt)
+        .flip(!args.no_flip);
+    if let Some(t) = args.threshold {
+        builder = builder.threshold(t);
+    }
+    if args.aligned {
+        builder = builder.without_detector();
+    }
+    let pipeline = builder.build().context("loading the pipeline")?;
+    let threshold = pipeline.threshold().with_context(|| {
+        format!(
+            "{} has no verification threshold: neither its metadata nor the registry (by the \
+             sha256 of its weights) gives one. Pass --threshold, or measure one with \
+             `mfn-cli convert` then `mfn-cli eval --model MODEL.safetensors --save-threshold`",
+            pipeline.model_source().display()
+        )
+    })?;
+    eprintln!(
+        "threshold {:.4} from {}",
+        threshold.cosine, threshold.source
+    );
+    let (decision, faces): (Decision, Option<[EmbeddedFace; 2]>) = if args.aligned {
         // Crops at the network's input size; another size is an error naming the file.
-        let size = image_size(model.config());
-        vec![
-            mfn_data::decode_rgb_sized(&args.a, size)?,
-            mfn_data::decode_rgb_sized(&args.b, size)?,
-        ]
+        let [h, w] = pipeline.model().config().input_size;
+        let a = mfn_data::decode_rgb_sized(&args.a, [w, h])?;
+        let b = mfn_data::decode_rgb_sized(&args.b, [w, h])?;
+        let e = pipeline.embed_crops(&[&a, &b], &args.a)?;
+        (pipeline.decide(&e[0], &e[1])?, None)
     } else {
-        let aligner = args.detector.aligner(size)?;
-        let mut crops = Vec::new();
-        for photo in [&args.a, &args.b] {
-            let face = aligner.faces_in_file(photo, Pick::Largest)?.remove(0);
-            crops.push(face.aligned.image);
-        }
-        crops
+        let a = pipeline.face(&args.a)?;
+        let b = pipeline.face(&args.b)?;
+        (pipeline.decide(&a.embedding, &b.embedding)?, Some([a, b]))
     };
-    let x = images_to_tensor(&[&crops[0], &crops[1]], &Device::Cpu)?;
-    let e: Vec<Vec<f32>> = model.embed(&x, !args.no_flip)?.to_vec2()?;
-    let cosine = mfn_eval::cosine(&e[0], &e[1])?;
-    let same = cosine >= threshold;
-    if same {
-        println!("same person: yes  (cosine {cosine:.2} ≥ threshold {threshold:.2})");
+    let (cosine, t) = (decision.cosine, decision.threshold);
+    if decision.same {
+        println!("same person: yes  (cosine {cosine:.2} ≥ threshold {t:.2})");
     } else {
-        println!("same person: no   (cosine {cosine:.2} < threshold {threshold:.2})");
+        println!("same person: no   (cosine {cosine:.2} < threshold {t:.2})");
     }
     if let Some(path) = &args.json {
-        let out = json!({
-            "model": ckpt.source.display().to_string(),
+        let face = |f: &EmbeddedFace| json!({"bbox": f.bbox, "score": f.score, "landmarks": f.landmarks, "picked_by": f.picked_by.name()});
+        let mut out = json!({
+            "model": pipeline.model_source().display().to_string(),
             "a": args.a.display().to_string(),
             "b": args.b.display().to_string(),
-            "cosine": cosine,
-            "threshold": threshold,
-            "threshold_source": from,
-            "threshold_derivation": derivation,
-            "same": same,
+            "cosine": decision.cosine,
+            "threshold": decision.threshold,
+            "threshold_source": decision.threshold_source,
+            "threshold_derivation": decision.threshold_derivation,
+            "same": decision.same,
         });
+        if let Some([a, b]) = &faces {
+            out["detector"] = json!(pipeline.aligner()?.detector().name());
+            out["pick"] = json!(Pick::name(a.picked_by));
+            out["face_a"] = face(a);
+            out["face_b"] = face(b);
+        }
         write_atomic(path, serde_json::to_string_pretty(&out)?.as_bytes())?;
     }
-    Ok(same)
+    Ok(decision.same)
 }

@@ -15,6 +15,11 @@
 //! one value per channel, is taken as the input normalisation, as insightface's
 //! `arcface_onnx.py` does.
 //!
+//! [`parse_graph`] gives the same parse as a read-only [`OnnxGraph`] (nodes with typed
+//! attribute getters, initializers with their int64 data kept exact, and the graph's
+//! input and output names in order), for interpreting networks other than MobileFaceNet,
+//! such as a face detector.
+//!
 //! The file is untrusted: every length is checked against the bytes left before it is
 //! used, a tensor's dims must multiply (without overflow) to exactly the data it holds, an
 //! attribute of the wrong type is an error naming the node and the attribute, and external
@@ -262,7 +267,34 @@ fn read_external(
     Ok(out)
 }
 
+/// What a stored tensor's data decodes to.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TensorValues {
+    /// Float or double data, as `f32`.
+    F32(Vec<f32>),
+    /// Int64 or int32 data, as `i64`: shapes, axes and indices keep every bit (a slice end
+    /// of `i64::MAX` would not survive a float).
+    I64(Vec<i64>),
+}
+
 fn parse_tensor(buf: &[u8], path: &Path) -> Result<(String, Array)> {
+    let (name, dims, values) = parse_tensor_values(buf, path, false)?;
+    let data = match values {
+        TensorValues::F32(v) => v,
+        // Initializers a face network reads are float; int64 ones (shapes) are cast.
+        TensorValues::I64(v) => v.into_iter().map(|x| x as f32).collect(),
+    };
+    Ok((name, Array { dims, data }))
+}
+
+/// A TensorProto's name, dims and values. Float, double and int64 data are read; int32
+/// data too when `int32` is set (the graph view reads it, the MobileFaceNet walk refuses
+/// it as it always has).
+fn parse_tensor_values(
+    buf: &[u8],
+    path: &Path,
+    int32: bool,
+) -> Result<(String, Vec<usize>, TensorValues)> {
     let mut dims = Vec::new();
     let mut dtype = 0i64;
     let mut name = String::new();
@@ -270,6 +302,7 @@ fn parse_tensor(buf: &[u8], path: &Path) -> Result<(String, Array)> {
     let mut floats = Vec::new();
     let mut doubles = Vec::new();
     let mut int64s = Vec::new();
+    let mut int32s = Vec::new();
     let mut external: HashMap<String, String> = HashMap::new();
     let mut external_location = false;
     each_field(buf, path, "TensorProto", |n, v| {
@@ -277,6 +310,7 @@ fn parse_tensor(buf: &[u8], path: &Path) -> Result<(String, Array)> {
             (1, v) => push_ints(v, &mut dims, path)?,
             (2, Field::Varint(t)) => dtype = t as i64,
             (4, v) => push_floats(v, &mut floats, path)?,
+            (5, v) if int32 => push_ints(v, &mut int32s, path)?,
             (7, v) => push_ints(v, &mut int64s, path)?,
             (8, Field::Bytes(b)) => name = string(b, path)?,
             (9, Field::Bytes(b)) => raw = Some(b),
@@ -322,7 +356,14 @@ fn parse_tensor(buf: &[u8], path: &Path) -> Result<(String, Array)> {
         .ok_or_else(|| err(path, format!("tensor `{name}` is too large")))?;
     let elem = match dtype {
         1 => 4,
+        6 if int32 => 4,
         7 | 11 => 8,
+        t if int32 => {
+            return Err(err(
+                path,
+                format!("tensor `{name}` has data type {t}, not float, double, int32 or int64"),
+            ))
+        }
         t => {
             return Err(err(
                 path,
@@ -351,22 +392,32 @@ fn parse_tensor(buf: &[u8], path: &Path) -> Result<(String, Array)> {
             ));
         }
     }
-    let data: Vec<f32> = match (dtype, raw) {
-        (1, Some(b)) => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        (11, Some(b)) => b
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default()) as f32)
-            .collect(),
-        (7, Some(b)) => b
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()) as f32)
-            .collect(),
-        (1, None) => floats,
-        (11, None) => doubles.iter().map(|v| *v as f32).collect(),
-        (_, None) => int64s.iter().map(|v| *v as f32).collect(),
+    let values = match (dtype, raw) {
+        (1, Some(b)) => TensorValues::F32(
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        (11, Some(b)) => TensorValues::F32(
+            b.chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default()) as f32)
+                .collect(),
+        ),
+        (7, Some(b)) => TensorValues::I64(
+            b.chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()))
+                .collect(),
+        ),
+        (6, Some(b)) => TensorValues::I64(
+            b.chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                .collect(),
+        ),
+        (1, None) => TensorValues::F32(floats),
+        (11, None) => TensorValues::F32(doubles.iter().map(|v| *v as f32).collect()),
+        // int32_data holds each value as a varint of its 64-bit sign extension.
+        (6, None) => TensorValues::I64(int32s.into_iter().map(|v| v as i32 as i64).collect()),
+        (_, None) => TensorValues::I64(int64s),
         (t, Some(_)) => {
             return Err(err(
                 path,
@@ -374,16 +425,17 @@ fn parse_tensor(buf: &[u8], path: &Path) -> Result<(String, Array)> {
             ))
         }
     };
-    if data.len() != count {
+    let len = match &values {
+        TensorValues::F32(v) => v.len(),
+        TensorValues::I64(v) => v.len(),
+    };
+    if len != count {
         return Err(err(
             path,
-            format!(
-                "tensor `{name}` holds {} values, its shape {dims:?} needs {count}",
-                data.len()
-            ),
+            format!("tensor `{name}` holds {len} values, its shape {dims:?} needs {count}"),
         ));
     }
-    Ok((name, Array { dims, data }))
+    Ok((name, dims, values))
 }
 
 /// One attribute of a node, as far as a face network's ops read them.
@@ -395,6 +447,10 @@ struct Attr {
     int: Option<i64>,
     floats: Vec<f32>,
     ints: Vec<i64>,
+    /// A STRING attribute's bytes, kept for the graph view.
+    string: Option<Vec<u8>>,
+    /// A TENSOR attribute's TensorProto, decoded only when the graph view asks for it.
+    tensor: Option<Vec<u8>>,
     /// Whether it holds something else: a string, tensor, graph or list of those.
     other: bool,
 }
@@ -402,6 +458,9 @@ struct Attr {
 /// `AttributeProto.AttributeType` values.
 const ATTR_FLOAT: u64 = 1;
 const ATTR_INT: u64 = 2;
+const ATTR_STRING: u64 = 3;
+const ATTR_TENSOR: u64 = 4;
+const ATTR_FLOATS: u64 = 6;
 const ATTR_INTS: u64 = 7;
 
 impl Attr {
@@ -432,6 +491,8 @@ impl Attr {
 struct Node {
     name: String,
     op: String,
+    /// The operator set the op belongs to; empty for the default one.
+    domain: String,
     inputs: Vec<String>,
     outputs: Vec<String>,
     attrs: HashMap<String, Attr>,
@@ -483,6 +544,58 @@ impl Node {
             _ => Err(self.wrong_type(key, a, "a float", path)),
         }
     }
+
+    /// A FLOATS attribute; `None` when the node has no such attribute.
+    fn floats(&self, key: &str, path: &Path) -> Result<Option<Vec<f32>>> {
+        let Some(a) = self.attrs.get(key) else {
+            return Ok(None);
+        };
+        match a.kind {
+            Some(ATTR_FLOATS) if a.float.is_none() => Ok(Some(a.floats.clone())),
+            None if a.float.is_none() && !a.floats.is_empty() => Ok(Some(a.floats.clone())),
+            _ => Err(self.wrong_type(key, a, "a list of floats", path)),
+        }
+    }
+
+    /// A STRING attribute as text; `None` when the node has no such attribute.
+    fn string(&self, key: &str, path: &Path) -> Result<Option<String>> {
+        let Some(a) = self.attrs.get(key) else {
+            return Ok(None);
+        };
+        match (a.kind, &a.string) {
+            (None | Some(ATTR_STRING), Some(s)) => String::from_utf8(s.clone())
+                .map(Some)
+                .map_err(|_| self.wrong_type(key, a, "UTF-8 text", path)),
+            _ => Err(self.wrong_type(key, a, "a string", path)),
+        }
+    }
+
+    /// A TENSOR attribute, decoded; `None` when the node has no such attribute.
+    fn tensor(&self, key: &str, path: &Path) -> Result<Option<OnnxTensor>> {
+        let Some(a) = self.attrs.get(key) else {
+            return Ok(None);
+        };
+        match (a.kind, &a.tensor) {
+            (None | Some(ATTR_TENSOR), Some(t)) => {
+                let (_, dims, values) = parse_tensor_values(t, path, true).map_err(|e| {
+                    err(
+                        path,
+                        format!(
+                            "node `{}` ({}): attribute `{key}`: {}",
+                            self.name,
+                            self.op,
+                            match e {
+                                Error::Onnx { message, .. } => message,
+                                other => other.to_string(),
+                            }
+                        ),
+                    )
+                })?;
+                Ok(Some(OnnxTensor { dims, values }))
+            }
+            _ => Err(self.wrong_type(key, a, "a tensor", path)),
+        }
+    }
 }
 
 fn parse_node(buf: &[u8], path: &Path) -> Result<Node> {
@@ -493,6 +606,8 @@ fn parse_node(buf: &[u8], path: &Path) -> Result<Node> {
             (2, Field::Bytes(b)) => node.outputs.push(string(b, path)?),
             (3, Field::Bytes(b)) => node.name = string(b, path)?,
             (4, Field::Bytes(b)) => node.op = string(b, path)?,
+            // Only the graph view reads it, so a malformed one is not an error.
+            (7, Field::Bytes(b)) => node.domain = String::from_utf8_lossy(b).into_owned(),
             (5, Field::Bytes(b)) => {
                 let mut name = String::new();
                 let mut a = Attr::default();
@@ -504,6 +619,14 @@ fn parse_node(buf: &[u8], path: &Path) -> Result<Node> {
                         (7, v) => push_floats(v, &mut a.floats, path)?,
                         (8, v) => push_ints(v, &mut a.ints, path)?,
                         (20, Field::Varint(k)) => a.kind = Some(k),
+                        (4, Field::Bytes(s)) => {
+                            a.string = Some(s.to_vec());
+                            a.other = true
+                        }
+                        (5, Field::Bytes(t)) => {
+                            a.tensor = Some(t.to_vec());
+                            a.other = true
+                        }
                         (4..=6 | 9..=11 | 22 | 23, _) => a.other = true,
                         _ => {}
                     }
@@ -552,6 +675,265 @@ fn parse_model(bytes: &[u8], path: &Path) -> Result<Graph> {
         Ok(())
     })?;
     Ok(Graph { nodes, init })
+}
+
+/// A tensor stored in an ONNX model: an initializer, or the value of a `Constant` node.
+/// Its dims always multiply to exactly the number of values it holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OnnxTensor {
+    dims: Vec<usize>,
+    values: TensorValues,
+}
+
+impl OnnxTensor {
+    /// The dims; empty for a scalar.
+    pub fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+
+    /// The values, row-major.
+    pub fn values(&self) -> &TensorValues {
+        &self.values
+    }
+
+    /// How many values it holds.
+    pub fn len(&self) -> usize {
+        match &self.values {
+            TensorValues::F32(v) => v.len(),
+            TensorValues::I64(v) => v.len(),
+        }
+    }
+
+    /// Whether it holds no value (a zero dim).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values of a float tensor; `None` for an integer one.
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.values {
+            TensorValues::F32(v) => Some(v),
+            TensorValues::I64(_) => None,
+        }
+    }
+
+    /// The values of an integer tensor; `None` for a float one.
+    pub fn as_i64(&self) -> Option<&[i64]> {
+        match &self.values {
+            TensorValues::I64(v) => Some(v),
+            TensorValues::F32(_) => None,
+        }
+    }
+}
+
+/// A read-only view of an ONNX model's graph, for code that interprets other networks
+/// than MobileFaceNet (a face detector, say): nodes in file order, initializers, and the
+/// names of the graph's inputs and outputs in order.
+///
+/// It is parsed with the same bounds as [`load`]: every length is checked against the
+/// bytes left, every tensor's dims must match its data, external data must lie in the
+/// model's folder. Nothing is checked about what the graph computes; that is the caller's
+/// to do, and the node getters report errors that name the node.
+#[derive(Debug)]
+pub struct OnnxGraph {
+    path: std::path::PathBuf,
+    nodes: Vec<Node>,
+    init: HashMap<String, OnnxTensor>,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+    opset: Option<i64>,
+}
+
+impl OnnxGraph {
+    /// The file the graph came from, as errors name it.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How many nodes the graph has.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The nodes, in file order (which ONNX requires to be a topological order, though a
+    /// caller should not trust a hostile file on that).
+    pub fn nodes(&self) -> impl ExactSizeIterator<Item = OnnxNode<'_>> + '_ {
+        self.nodes.iter().map(|node| OnnxNode {
+            node,
+            path: &self.path,
+        })
+    }
+
+    /// The initializer called `name`.
+    pub fn initializer(&self, name: &str) -> Option<&OnnxTensor> {
+        self.init.get(name)
+    }
+
+    /// Every initializer, by name, in no particular order.
+    pub fn initializers(&self) -> impl Iterator<Item = (&str, &OnnxTensor)> + '_ {
+        self.init.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// The names of the graph's inputs, in order. Files of IR version 3 and before list
+    /// the initializers here too; the inputs a caller feeds are those that are not.
+    pub fn inputs(&self) -> &[String] {
+        &self.inputs
+    }
+
+    /// The names of the graph's outputs, in order.
+    pub fn outputs(&self) -> &[String] {
+        &self.outputs
+    }
+
+    /// The version of the default operator set the model imports, when it says.
+    pub fn opset(&self) -> Option<i64> {
+        self.opset
+    }
+}
+
+/// One node of an [`OnnxGraph`]. Attribute getters give `Ok(None)` when the node has no
+/// such attribute and an error naming the node and the attribute when it holds something
+/// of another type.
+#[derive(Clone, Copy, Debug)]
+pub struct OnnxNode<'a> {
+    node: &'a Node,
+    path: &'a Path,
+}
+
+impl<'a> OnnxNode<'a> {
+    /// The node's name; an unnamed node is known by its first output.
+    pub fn name(&self) -> &'a str {
+        &self.node.name
+    }
+
+    /// The op type (`Conv`, `Resize`, ...).
+    pub fn op(&self) -> &'a str {
+        &self.node.op
+    }
+
+    /// The operator set the op belongs to: empty (or `ai.onnx`) for the standard ops.
+    pub fn domain(&self) -> &'a str {
+        &self.node.domain
+    }
+
+    /// Input tensor names, in order; an empty name is an omitted optional input.
+    pub fn inputs(&self) -> &'a [String] {
+        &self.node.inputs
+    }
+
+    /// Output tensor names, in order.
+    pub fn outputs(&self) -> &'a [String] {
+        &self.node.outputs
+    }
+
+    /// The names of the node's attributes, in no particular order.
+    pub fn attribute_names(&self) -> impl Iterator<Item = &'a str> + 'a {
+        self.node.attrs.keys().map(String::as_str)
+    }
+
+    /// An INT attribute.
+    pub fn attr_int(&self, key: &str) -> Result<Option<i64>> {
+        self.node.int(key, self.path)
+    }
+
+    /// An INTS attribute.
+    pub fn attr_ints(&self, key: &str) -> Result<Option<Vec<i64>>> {
+        self.node.ints(key, self.path)
+    }
+
+    /// A FLOAT attribute.
+    pub fn attr_float(&self, key: &str) -> Result<Option<f32>> {
+        self.node.float(key, self.path)
+    }
+
+    /// A FLOATS attribute.
+    pub fn attr_floats(&self, key: &str) -> Result<Option<Vec<f32>>> {
+        self.node.floats(key, self.path)
+    }
+
+    /// A STRING attribute, which must be UTF-8.
+    pub fn attr_string(&self, key: &str) -> Result<Option<String>> {
+        self.node.string(key, self.path)
+    }
+
+    /// A TENSOR attribute (a `Constant`'s `value`), decoded with the same checks as an
+    /// initializer.
+    pub fn attr_tensor(&self, key: &str) -> Result<Option<OnnxTensor>> {
+        self.node.tensor(key, self.path)
+    }
+}
+
+/// The names of a graph's inputs or outputs: the `name` of each ValueInfoProto.
+fn value_info_name(buf: &[u8], path: &Path) -> Result<String> {
+    let mut name = String::new();
+    each_field(buf, path, "ValueInfoProto", |n, v| {
+        if let (1, Field::Bytes(b)) = (n, v) {
+            name = string(b, path)?;
+        }
+        Ok(())
+    })?;
+    Ok(name)
+}
+
+/// Parses an ONNX model in memory into its [`OnnxGraph`]; `path` names it in errors and
+/// locates external data.
+pub fn parse_graph(bytes: &[u8], path: &Path) -> Result<OnnxGraph> {
+    let mut graph: Option<&[u8]> = None;
+    let mut opset = None;
+    each_field(bytes, path, "ModelProto", |n, v| {
+        match (n, v) {
+            (7, Field::Bytes(b)) => graph = Some(b),
+            (8, Field::Bytes(b)) => {
+                let (mut domain, mut version) = (String::new(), None);
+                each_field(b, path, "OperatorSetIdProto", |n, v| {
+                    match (n, v) {
+                        (1, Field::Bytes(s)) => domain = String::from_utf8_lossy(s).into_owned(),
+                        (2, Field::Varint(x)) => version = Some(x as i64),
+                        _ => {}
+                    }
+                    Ok(())
+                })?;
+                if domain.is_empty() || domain == "ai.onnx" {
+                    opset = version;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    })
+    .map_err(|_| err(path, "not an ONNX model (cannot parse the ModelProto)"))?;
+    let graph = graph.ok_or_else(|| err(path, "not an ONNX model (no graph)"))?;
+    let mut nodes = Vec::new();
+    let mut init = HashMap::new();
+    let (mut inputs, mut outputs) = (Vec::new(), Vec::new());
+    each_field(graph, path, "GraphProto", |n, v| {
+        match (n, v) {
+            (1, Field::Bytes(b)) => nodes.push(parse_node(b, path)?),
+            (5, Field::Bytes(b)) => {
+                let (name, dims, values) = parse_tensor_values(b, path, true)?;
+                init.insert(name, OnnxTensor { dims, values });
+            }
+            (11, Field::Bytes(b)) => inputs.push(value_info_name(b, path)?),
+            (12, Field::Bytes(b)) => outputs.push(value_info_name(b, path)?),
+            _ => {}
+        }
+        Ok(())
+    })?;
+    Ok(OnnxGraph {
+        path: path.to_path_buf(),
+        nodes,
+        init,
+        inputs,
+        outputs,
+        opset,
+    })
+}
+
+/// Reads an ONNX model file into its [`OnnxGraph`]. The file must be a regular file of at
+/// most [`super::MAX_FILE_BYTES`].
+pub fn read_graph(path: &Path) -> Result<OnnxGraph> {
+    let bytes = super::read_regular_file(path, super::MAX_FILE_BYTES)?;
+    parse_graph(&bytes, path)
 }
 
 /// A conv as found in the graph, with what follows it.

@@ -10,8 +10,7 @@ use candle_core::{Device, Tensor};
 use image::RgbImage;
 use mfn_model::import::torch::read_state_dict;
 
-use super::{Detection, DetectorOptions};
-use crate::{Error, Result};
+use crate::{detect_downscaled, Detector, DetectorOptions, Error, Face, Result};
 
 /// Minimum face size of the pyramid, thresholds of the three stages, and the pyramid's
 /// scale step, as facenet-pytorch's `MTCNN()` defaults.
@@ -98,7 +97,7 @@ impl Planes {
     fn new(img: &RgbImage) -> Self {
         let (w, h) = (img.width() as usize, img.height() as usize);
         let mut data = vec![0f32; 3 * w * h];
-        crate::image::rgb_to_chw(img, &mut data);
+        mfn_data::image::rgb_to_chw(img, &mut data);
         Self { data, h, w }
     }
 
@@ -205,6 +204,8 @@ pub struct Mtcnn {
     rnet: Net,
     onet: Net,
     device: Device,
+    /// Thresholds and input sizing.
+    pub options: DetectorOptions,
 }
 
 impl Mtcnn {
@@ -225,6 +226,7 @@ impl Mtcnn {
                 &["conv1.weight", "dense5.weight", "dense6_3.weight"],
             )?,
             device: device.clone(),
+            options: DetectorOptions::default(),
         })
     }
 
@@ -378,8 +380,8 @@ impl Mtcnn {
         Ok(nms(kept, 0.7, true, true))
     }
 
-    /// Every face in `image`, best first.
-    pub fn detect(&self, image: &RgbImage, options: &DetectorOptions) -> Result<Vec<Detection>> {
+    /// Every face in `image` at its own scale, best first.
+    fn detect_at_scale(&self, image: &RgbImage, options: &DetectorOptions) -> Result<Vec<Face>> {
         let img = Planes::new(image);
         let boxes = self.stage1(&img, options.min_face.max(12.0))?;
         let boxes = self.stage2(&img, boxes)?;
@@ -387,11 +389,28 @@ impl Mtcnn {
         Ok(boxes
             .into_iter()
             .filter(|c| c.score >= options.score_threshold)
-            .map(|c| Detection {
+            .map(|c| Face {
                 bbox: c.b,
                 score: c.score,
                 landmarks: c.points,
             })
             .collect())
+    }
+}
+
+impl Detector for Mtcnn {
+    fn name(&self) -> &'static str {
+        "mtcnn"
+    }
+
+    fn detect(&self, image: &RgbImage) -> Result<Vec<Face>> {
+        let options = &self.options;
+        detect_downscaled(image, options.max_side, |img, scale| {
+            let scaled = DetectorOptions {
+                min_face: options.min_face * scale,
+                ..options.clone()
+            };
+            self.detect_at_scale(img, &scaled)
+        })
     }
 }

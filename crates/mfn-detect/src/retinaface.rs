@@ -10,8 +10,8 @@ use image::RgbImage;
 use mfn_model::import::torch::read_state_dict;
 use mfn_model::ops::DepthwiseConv2d;
 
-use super::Detection;
-use crate::{Error, Result};
+use crate::face::nms;
+use crate::{detect_downscaled, Detector, DetectorOptions, Error, Face, Result};
 
 #[derive(Clone, Copy, Debug)]
 enum Act {
@@ -161,6 +161,8 @@ pub struct RetinaFace {
     box_head: [Conv; 3],
     landmark_head: [Conv; 3],
     device: Device,
+    /// Thresholds and input sizing.
+    pub options: DetectorOptions,
 }
 
 impl RetinaFace {
@@ -230,6 +232,7 @@ impl RetinaFace {
                 head("LandmarkHead", 2)?,
             ],
             device: device.clone(),
+            options: DetectorOptions::default(),
         })
     }
 
@@ -277,12 +280,12 @@ impl RetinaFace {
 
     /// Faces with a probability of at least `score_threshold` and a box side of at least
     /// `min_face` pixels, before non-maximum suppression.
-    pub fn detect(
+    fn detect_at_scale(
         &self,
         img: &RgbImage,
         score_threshold: f32,
         min_face: f32,
-    ) -> Result<Vec<Detection>> {
+    ) -> Result<Vec<Face>> {
         let (w, h) = img.dimensions();
         let (w, h) = (w as usize, h as usize);
         let plane = w * h;
@@ -333,7 +336,7 @@ impl RetinaFace {
             }
             let side = (bbox[2] - bbox[0]).min(bbox[3] - bbox[1]);
             if side >= min_face && bbox.iter().all(|v| v.is_finite()) {
-                found.push(Detection {
+                found.push(Face {
                     bbox,
                     score,
                     landmarks,
@@ -371,4 +374,19 @@ fn priors(h: usize, w: usize) -> Vec<[f32; 4]> {
         }
     }
     out
+}
+
+impl Detector for RetinaFace {
+    fn name(&self) -> &'static str {
+        "retinaface"
+    }
+
+    fn detect(&self, image: &RgbImage) -> Result<Vec<Face>> {
+        let o = &self.options;
+        detect_downscaled(image, o.max_side, |img, scale| {
+            let found = self.detect_at_scale(img, o.score_threshold, o.min_face * scale)?;
+            // Plain geometry, as the RetinaFace reference's `py_cpu_nms` without its +1.
+            Ok(nms(found, o.nms_threshold, 0.0))
+        })
+    }
 }
