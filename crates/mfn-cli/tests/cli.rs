@@ -527,7 +527,8 @@ fn align_keeps_each_photo_folder_and_eval_reads_its_output() {
     let pairs = dir.path().join("pairs.txt");
     std::fs::write(
         &pairs,
-        "1\t1\nColin_Powell\t1\t2\nColin_Powell\t3\tGeorge_W_Bush\t1\n",
+        "2\t1\nColin_Powell\t1\t2\nColin_Powell\t1\tGeorge_W_Bush\t1\n\
+         Colin_Powell\t2\t3\nColin_Powell\t3\tGeorge_W_Bush\t1\n",
     )
     .unwrap();
     ok(mfn(&[

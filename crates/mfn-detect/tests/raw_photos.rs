@@ -16,6 +16,7 @@ use common::asset;
 use image::RgbImage;
 use mfn_data::align::{read_landmarks_file, Landmarks};
 use mfn_detect::pipeline::DetectorKind;
+use mfn_detect::scrfd::InputSize;
 use mfn_detect::{Face, Pick, Pipeline};
 
 fn person(p: &Path) -> String {
@@ -52,15 +53,15 @@ struct Figures {
     ms_per_photo: f64,
 }
 
-fn figures(kind: DetectorKind) -> Figures {
+fn figures(kind: DetectorKind, input: Option<InputSize>) -> Figures {
     let given = read_landmarks_file(&asset("lfw-raw-subset/landmarks.txt")).unwrap();
     assert_eq!(given.len(), 100);
     let root = asset("lfw-raw-subset/images");
-    let pipeline = Pipeline::builder()
-        .detector(kind)
-        .model("w600k_mbf")
-        .build()
-        .unwrap();
+    let mut builder = Pipeline::builder().detector(kind).model("w600k_mbf");
+    if let Some(input) = input {
+        builder = builder.scrfd_input(input);
+    }
+    let pipeline = builder.build().unwrap();
     let threshold = pipeline
         .threshold()
         .expect("w600k_mbf has a registry threshold");
@@ -144,10 +145,10 @@ fn figures(kind: DetectorKind) -> Figures {
     }
 }
 
-fn report(kind: DetectorKind, f: &Figures) {
+fn report(name: &str, f: &Figures) {
     let [sa, sr, dr, da] = f.confusion;
     eprintln!(
-        "{kind} + w600k_mbf: {}/100 faces, NME {:.4}, AUC {:.6}, best-threshold accuracy \
+        "{name} + w600k_mbf: {}/100 faces, NME {:.4}, AUC {:.6}, best-threshold accuracy \
          {:.3}%, verify agreement {:.2}% (same: {sa} accepted, {sr} rejected; different: {dr} \
          rejected, {da} accepted); annotated face picked by central {}/100, largest {}/100 \
          ({} photos with several faces); {:.1} ms/photo (decode excluded, detect + align + \
@@ -166,8 +167,20 @@ fn report(kind: DetectorKind, f: &Figures) {
 
 #[test]
 fn scrfd_and_w600k_mbf_verify_the_100_photos() {
-    let f = figures(DetectorKind::Scrfd);
-    report(DetectorKind::Scrfd, &f);
+    let f = figures(DetectorKind::Scrfd, None);
+    report("scrfd (default input size)", &f);
+    check_scrfd(&f);
+}
+
+/// insightface's own sizing: every photo letterboxed to 640x640, small ones scaled up.
+#[test]
+fn scrfd_letterboxed_to_640_and_w600k_mbf_verify_the_100_photos() {
+    let f = figures(DetectorKind::Scrfd, Some(InputSize::Letterbox(640)));
+    report("scrfd (letterbox 640)", &f);
+    check_scrfd(&f);
+}
+
+fn check_scrfd(f: &Figures) {
     assert_eq!(f.found, 100);
     assert!(f.auc >= 0.999, "AUC {}", f.auc);
     assert!(
@@ -188,8 +201,8 @@ fn scrfd_and_w600k_mbf_verify_the_100_photos() {
 
 #[test]
 fn mtcnn_and_w600k_mbf_verify_the_100_photos() {
-    let f = figures(DetectorKind::Mtcnn);
-    report(DetectorKind::Mtcnn, &f);
+    let f = figures(DetectorKind::Mtcnn, None);
+    report("mtcnn", &f);
     assert_eq!(f.found, 100);
     assert!(f.auc >= 0.999, "AUC {}", f.auc);
     let agreement = (f.confusion[0] + f.confusion[2]) as f64 / 4950.0;

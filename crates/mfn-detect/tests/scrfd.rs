@@ -167,7 +167,12 @@ fn compare_photos(det: &Scrfd, step: usize) -> (f32, f32, usize) {
     for p in photos.iter().step_by(step) {
         let rel = p["path"].as_str().unwrap();
         let img = rgb(&asset(rel));
-        let ours = det.detect_with(&img, &ScrfdOptions::default()).unwrap();
+        // The reference letterboxed every photo to 640x640, as insightface does.
+        let letterbox = ScrfdOptions {
+            input: InputSize::Letterbox(640),
+            ..ScrfdOptions::default()
+        };
+        let ours = det.detect_with(&img, &letterbox).unwrap();
         let want = p["faces"].as_array().unwrap();
         assert_eq!(ours.len(), want.len(), "{rel}: {ours:?}");
         for w in want {

@@ -671,6 +671,48 @@ mod tests {
     }
 
     #[test]
+    fn packs_name_entries_of_the_right_kinds() {
+        let r = Registry::builtin().unwrap();
+        let p = r.pack("buffalo_s").unwrap();
+        assert_eq!(p.detector_network, "scrfd");
+        assert_eq!(p.detector, ["scrfd_500m", "scrfd_500m_bnkps"]);
+        assert_eq!(p.model, "w600k_mbf");
+        let err = r.pack("buffalo_l").unwrap_err().to_string();
+        assert!(err.contains("buffalo_s"), "{err}");
+
+        let sha = "a".repeat(64);
+        let entry = |name: &str, kind: &str| {
+            format!(
+                r#"{{"name": "{name}", "kind": "{kind}", "sha256": "{sha}", "size": 3,
+                    "source": {{"hub": {{"repo": "o/r", "revision": "main", "path": "{name}"}}}}}}"#
+            )
+        };
+        let file = |pack: &str| {
+            format!(
+                r#"{{"format": "{FORMAT}", "entries": [{}, {}], "packs": [{pack}]}}"#,
+                entry("d", "detector"),
+                entry("m", "model")
+            )
+        };
+        let pack = |detector: &str, model: &str| {
+            format!(
+                r#"{{"name": "p", "detector_network": "scrfd", "detector": {detector}, "model": "{model}"}}"#
+            )
+        };
+        let ok = Registry::parse(&file(&pack(r#"["d"]"#, "m")), "t").unwrap();
+        assert_eq!(ok.pack("p").unwrap().model, "m");
+        // A model where a detector belongs, and the other way round.
+        assert!(Registry::parse(&file(&pack(r#"["m"]"#, "m")), "t").is_err());
+        assert!(Registry::parse(&file(&pack(r#"["d"]"#, "d")), "t").is_err());
+        assert!(Registry::parse(&file(&pack("[]", "m")), "t").is_err());
+        // A name no entry has is refused when the pack is asked for.
+        let dangling = Registry::parse(&file(&pack(r#"["x"]"#, "m")), "t").unwrap();
+        assert!(dangling.pack("p").is_err());
+        let twice = file(&format!("{0}, {0}", pack(r#"["d"]"#, "m")));
+        assert!(Registry::parse(&twice, "t").is_err());
+    }
+
+    #[test]
     fn url_cache_paths_keep_folders_together() {
         let root = Path::new("/c");
         assert_eq!(

@@ -295,7 +295,7 @@ pub struct DetectorArgs {
     /// SCRFD: how photos are sized for the network: `fit:N` scales photos whose longer
     /// side exceeds N down to N and pads to a multiple of 32, never up; `letterbox:N` is
     /// insightface's (longer side scaled to N, up or down, on an NxN canvas)
-    /// [default: letterbox:640].
+    /// [default: fit:640].
     #[arg(long, value_parser = args::det_size)]
     pub det_size: Option<mfn_detect::scrfd::InputSize>,
     /// Which face of a photo counts: `central` (insightface's rank: box area less twice
