@@ -104,6 +104,55 @@ pub enum Error {
         /// The offending rate.
         far: f64,
     },
+    /// A probe's candidate list cannot be scored; `cause` says why, in terms of
+    /// the positions in that list.
+    #[error("probe {probe}: {cause}")]
+    Probe {
+        /// The probe, a position in the probe list.
+        probe: usize,
+        /// What is wrong with its candidates: [`Error::NonFinite`] or [`Error::NotBestFirst`].
+        cause: Box<Error>,
+    },
+    /// A candidate scores higher than the one ranked before it.
+    #[error(
+        "candidate {index} scores {score}, above the candidate ranked before it ({previous}); \
+         candidates must be sorted best first"
+    )]
+    NotBestFirst {
+        /// Position of the out-of-order candidate in its list.
+        index: usize,
+        /// Its score.
+        score: f32,
+        /// The lower score of the candidate before it.
+        previous: f32,
+    },
+    /// Rank-1 and CMC were asked for, but no probe has an identity in the gallery.
+    #[error(
+        "rank-1 and CMC need known probes (truth = Some(id)), but all {unknown} probes are unknown"
+    )]
+    NoKnownProbes {
+        /// Number of unknown probes.
+        unknown: usize,
+    },
+    /// DIR at a FAR was asked for, but there are no unknown probes to set its threshold with.
+    #[error(
+        "DIR at FAR {far} needs unknown probes (truth = None) to set its threshold, \
+         but all {known} probes are known; request no FARs to get rank-1 and CMC alone"
+    )]
+    NoUnknownProbes {
+        /// The first requested false alarm rate.
+        far: f64,
+        /// Number of known probes.
+        known: usize,
+    },
+    /// The deepest CMC rank is zero or too large to allocate a curve for.
+    #[error("max_rank must lie in 1..={max}, got {max_rank}")]
+    InvalidRank {
+        /// The requested rank.
+        max_rank: usize,
+        /// The largest rank accepted.
+        max: usize,
+    },
     /// The plot path has an extension other than `.svg` or `.png`.
     #[cfg(feature = "plot")]
     #[error("cannot plot to {}: the extension must be .svg or .png", path.display())]
