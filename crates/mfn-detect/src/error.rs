@@ -38,19 +38,39 @@ pub enum Error {
 
     /// Images, alignment or pair files failed.
     #[error(transparent)]
-    Data(#[from] mfn_data::Error),
+    Data(Box<mfn_data::Error>),
 
     /// The recognition network failed to load or run.
     #[error(transparent)]
-    Model(#[from] mfn_model::Error),
+    Model(Box<mfn_model::Error>),
 
     /// A pinned file could not be found, downloaded or checked.
     #[error(transparent)]
-    Hub(#[from] mfn_hub::Error),
+    Hub(Box<mfn_hub::Error>),
 
     /// The tensor library failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+// The errors underneath are boxed so that this one stays small: a `Result` of it is
+// returned on every call, and user functions that return it pass clippy's size lint.
+impl From<mfn_data::Error> for Error {
+    fn from(e: mfn_data::Error) -> Self {
+        Self::Data(Box::new(e))
+    }
+}
+
+impl From<mfn_model::Error> for Error {
+    fn from(e: mfn_model::Error) -> Self {
+        Self::Model(Box::new(e))
+    }
+}
+
+impl From<mfn_hub::Error> for Error {
+    fn from(e: mfn_hub::Error) -> Self {
+        Self::Hub(Box::new(e))
+    }
 }
 
 /// Shorthand for results of this crate.

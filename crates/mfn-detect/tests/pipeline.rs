@@ -70,7 +70,10 @@ fn a_given_threshold_decides_and_says_so() {
         )
         .unwrap();
     assert!(!d.same, "{d:?}");
-    assert_eq!((d.threshold, d.threshold_source.as_str()), (0.99, "given by the caller"));
+    assert_eq!(
+        (d.threshold, d.threshold_source.as_str()),
+        (0.99, "given by the caller")
+    );
     let err = Pipeline::builder()
         .detector_weights(&scrfd())
         .model(w600k())

@@ -1,4 +1,9 @@
 //! Forward-pass timings of SCRFD (run with `--ignored --nocapture`).
+//!
+//! Each round times every input side at every thread count in turn, so that a shared,
+//! noisy machine slows all of them alike; the medians are over all rounds. Set
+//! `MFN_BENCH_THREADS` (a list, `1,2` by default), `MFN_BENCH_SIDES` (`256,640`) and
+//! `MFN_BENCH_ROUNDS` (5).
 
 mod common;
 
@@ -14,14 +19,37 @@ use common::asset;
 use image::RgbImage;
 use mfn_detect::scrfd::Scrfd;
 
+/// A comma-separated list of numbers from the environment, or `default`.
+fn list(var: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(var)
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| !v.is_empty())
+        .unwrap_or_else(|| default.to_vec())
+}
+
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
 #[test]
 #[ignore = "timing, not a check: run with --ignored --nocapture"]
 fn forward_timings() {
-    let threads: usize = std::env::var("MFN_BENCH_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    mfn_model::set_num_threads(threads);
+    let threads = list("MFN_BENCH_THREADS", &[1, 2]);
+    let sides = list("MFN_BENCH_SIDES", &[256, 640]);
+    let rounds = list("MFN_BENCH_ROUNDS", &[5])[0].max(1);
+    // The most threads any pool gets, for anything that sizes itself from the variable.
+    mfn_model::set_num_threads(threads.iter().copied().max().unwrap_or(1));
+    let pools: Vec<rayon::ThreadPool> = threads
+        .iter()
+        .map(|&t| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+        })
+        .collect();
     let det = Scrfd::load(
         &asset("models/scrfd-500m/scrfd_500m_bnkps.onnx"),
         &Device::Cpu,
@@ -36,47 +64,58 @@ fn forward_timings() {
     ))
     .unwrap()
     .to_rgb8();
-    let input = mfn_detect::scrfd::InputSize::Letterbox(640);
-    let time = |f: &dyn Fn()| {
-        for _ in 0..3 {
-            f();
+    let inputs: Vec<RgbImage> = sides
+        .iter()
+        .map(|&side| {
+            let side = side as u32;
+            image::imageops::resize(&png, side, side, image::imageops::FilterType::Triangle)
+        })
+        .collect();
+    let letterbox = mfn_detect::scrfd::InputSize::Letterbox(640);
+    // times[pool][what]: the inputs' forwards, then the whole detection.
+    let mut times = vec![vec![Vec::new(); inputs.len() + 1]; pools.len()];
+    for _ in 0..rounds {
+        for (pool, times) in pools.iter().zip(&mut times) {
+            pool.install(|| {
+                for (img, t) in inputs.iter().zip(times.iter_mut()) {
+                    for _ in 0..3 {
+                        det.anchors(img, 0.5).unwrap();
+                    }
+                    for _ in 0..10 {
+                        let start = Instant::now();
+                        det.anchors(img, 0.5).unwrap();
+                        t.push(start.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+                for _ in 0..5 {
+                    let start = Instant::now();
+                    mfn_detect::Detector::detect(&det, &photo).unwrap();
+                    times[inputs.len()].push(start.elapsed().as_secs_f64() * 1e3);
+                }
+            });
         }
-        let mut times: Vec<f64> = (0..20)
+    }
+    let letterbox_ms = median(
+        (0..20)
             .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64() * 1e3
+                let start = Instant::now();
+                letterbox.prepare(&photo).unwrap();
+                start.elapsed().as_secs_f64() * 1e3
             })
-            .collect();
-        times.sort_by(f64::total_cmp);
-        times[times.len() / 2]
-    };
-    let prep = time(&|| {
-        input.prepare(&photo).unwrap();
-    });
-    let whole = time(&|| {
-        mfn_detect::Detector::detect(&det, &photo).unwrap();
-    });
-    eprintln!(
-        "{threads} thread(s), 250x250 photo: letterbox {prep:.2} ms, whole detection {whole:.2} ms"
+            .collect(),
     );
-    for side in [640u32, 256] {
-        let img: RgbImage =
-            image::imageops::resize(&png, side, side, image::imageops::FilterType::Triangle);
-        for _ in 0..5 {
-            det.anchors(&img, 0.5).unwrap();
+    eprintln!("250x250 photo: letterbox to 640 {letterbox_ms:.2} ms");
+    for (t, times) in threads.iter().zip(times) {
+        for (side, times) in sides.iter().zip(&times) {
+            let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+            eprintln!(
+                "{t} thread(s), {side}x{side}: median {:.2} ms, min {min:.2} ms",
+                median(times.clone())
+            );
         }
-        let mut times = Vec::new();
-        for _ in 0..30 {
-            let t = Instant::now();
-            det.anchors(&img, 0.5).unwrap();
-            times.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        times.sort_by(f64::total_cmp);
         eprintln!(
-            "{threads} thread(s), {side}x{side}: median {:.2} ms, min {:.2} ms",
-            times[times.len() / 2],
-            times[0]
+            "{t} thread(s), 250x250 photo: whole detection {:.2} ms",
+            median(times[sides.len()].clone())
         );
     }
 }

@@ -277,9 +277,11 @@ fn fail(path: &Path, message: impl Into<String>) -> Error {
 pub(super) fn detector_error(path: &Path, e: Error) -> Error {
     use mfn_model::Error as M;
     match e {
-        Error::Model(M::Onnx { message, .. } | M::File { message, .. }) => fail(path, message),
-        Error::Model(M::Io { source, .. }) => fail(path, source.to_string()),
-        Error::Model(other) => fail(path, other.to_string()),
+        Error::Model(m) => match *m {
+            M::Onnx { message, .. } | M::File { message, .. } => fail(path, message),
+            M::Io { source, .. } => fail(path, source.to_string()),
+            other => fail(path, other.to_string()),
+        },
         other => other,
     }
 }
@@ -1021,25 +1023,25 @@ fn conv_kernel(c: &Conv, device: &Device) -> candle_core::Result<ConvKernel> {
         && c.stride == [1, 1]
         && c.pads == [0; 4]
     {
-        return Ok(ConvKernel::Pointwise(Pointwise {
-            weight: Arc::new(c.weight.clone()),
-            bias: Arc::new(c.bias.clone()),
-            relu: c.relu,
-            cin: c.cin,
-            cout: c.cout,
-        }));
+        return Ok(ConvKernel::Pointwise(Pointwise::new(
+            c.weight.clone(),
+            c.bias.clone(),
+            c.relu,
+            c.cin,
+            c.cout,
+        )));
     }
     if device.is_cpu() && c.groups == 1 {
-        return Ok(ConvKernel::Dense(Dense {
-            weight: Arc::new(c.weight.clone()),
-            bias: Arc::new(c.bias.clone()),
-            relu: c.relu,
-            cin: c.cin,
-            cout: c.cout,
-            kernel: c.kernel,
-            stride: c.stride,
-            pads: c.pads,
-        }));
+        return Ok(ConvKernel::Dense(Dense::new(
+            c.weight.clone(),
+            c.bias.clone(),
+            c.relu,
+            c.cin,
+            c.cout,
+            c.kernel,
+            c.stride,
+            c.pads,
+        )));
     }
     let weight = Tensor::from_vec(c.weight.clone(), (c.cout, c.cin / c.groups, kh, kw), device)?;
     let bias = Tensor::from_vec(c.bias.clone(), (1, c.cout, 1, 1), device)?;

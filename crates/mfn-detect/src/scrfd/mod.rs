@@ -242,14 +242,14 @@ impl Scrfd {
     /// [`MAX_FILE_BYTES`].
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let bytes = mfn_model::import::read_regular_file(path, MAX_FILE_BYTES)
-            .map_err(|e| detector_error(path, Error::Model(e)))?;
+            .map_err(|e| detector_error(path, Error::from(e)))?;
         Self::load_bytes(&bytes, path, device)
     }
 
     /// [`Scrfd::load`] on a model's bytes; `path` names it in errors and locates any
     /// external data.
     pub fn load_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Self> {
-        let graph = parse_graph(bytes, path).map_err(|e| detector_error(path, Error::Model(e)))?;
+        let graph = parse_graph(bytes, path).map_err(|e| detector_error(path, Error::from(e)))?;
         Self::from_graph(&graph, device)
     }
 
