@@ -39,6 +39,9 @@ enum Command {
     PackBin(commands::pack_bin::Args),
     /// Trains a MobileFaceNet with a margin loss (ArcFace by default), or fine-tunes one.
     Train(Box<commands::train::Args>),
+    /// 1:N identification: enroll labelled faces, search, identify (open set), remove,
+    /// list, stats, and the LFW open-set protocol.
+    Gallery(commands::gallery::Args),
 }
 
 fn main() {
@@ -77,6 +80,7 @@ fn main() {
         Command::Verify(args) => commands::verify::run(args).map(|same| if same { 0 } else { 1 }),
         Command::PackBin(args) => commands::pack_bin::run(args).map(|_| 0),
         Command::Train(args) => commands::train::run(*args, &given("train")).map(|_| 0),
+        Command::Gallery(args) => commands::gallery::run(args).map(|_| 0),
     };
     match result {
         Ok(code) => std::process::exit(code),

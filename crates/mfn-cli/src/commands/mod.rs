@@ -5,6 +5,7 @@ pub mod args;
 pub mod convert;
 pub mod embed;
 pub mod eval;
+pub mod gallery;
 pub mod pack_bin;
 pub mod train;
 pub mod verify;

@@ -1,0 +1,233 @@
+//! `mfn-cli gallery`: enroll from a folder of people, search, identify known and unknown
+//! faces, remove, list, stats, `--json`, and clean refusals of foreign files.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{asset, mfn, ok, read_json, stderr};
+
+/// `n` photos of `person` from the raw LFW subset, by name.
+fn photos(person: &str, n: usize) -> Vec<PathBuf> {
+    let dir = asset("lfw-raw-subset/images").join(person);
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v.truncate(n);
+    assert_eq!(v.len(), n, "{} has too few photos", dir.display());
+    v
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn enroll_search_identify_remove_list_stats() {
+    let tmp = tempfile::tempdir().unwrap();
+    let people = tmp.path().join("people");
+    for person in ["Colin_Powell", "Tony_Blair", "Hugo_Chavez"] {
+        let dir = people.join(person);
+        std::fs::create_dir_all(&dir).unwrap();
+        for p in photos(person, 2) {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(people.join("Colin_Powell/notes.txt"), "not an image").unwrap();
+    let db = tmp.path().join("g.db");
+    let json = tmp.path().join("out.json");
+
+    let out = ok(mfn(&[
+        "gallery",
+        "enroll",
+        "--db",
+        s(&db),
+        "--from-dir",
+        s(&people),
+        "--json",
+        s(&json),
+    ]));
+    assert!(
+        stdout(&out).contains("enrolled 6 face(s)"),
+        "{}",
+        stdout(&out)
+    );
+    let v = read_json(&json);
+    assert_eq!(v["enrolled"].as_array().unwrap().len(), 6);
+    assert_eq!(v["enrolled"][0]["label"], "Colin_Powell");
+    assert_eq!(v["faces"], 6);
+    assert_eq!(v["fingerprint"].as_str().unwrap().len(), 64);
+
+    // One more person by --label.
+    let putin = photos("Vladimir_Putin", 1);
+    ok(mfn(&[
+        "gallery",
+        "enroll",
+        "--db",
+        s(&db),
+        "--label",
+        "Putin",
+        s(&putin[0]),
+    ]));
+
+    // Search: the nearest faces of a third photo of Tony Blair are his.
+    let blair = photos("Tony_Blair", 3).pop().unwrap();
+    let out = ok(mfn(&[
+        "gallery",
+        "search",
+        "--db",
+        s(&db),
+        "--k",
+        "3",
+        "--json",
+        s(&json),
+        s(&blair),
+    ]));
+    assert!(stdout(&out).contains("Tony_Blair"), "{}", stdout(&out));
+    let v = read_json(&json);
+    let hits = v["results"][0]["hits"].as_array().unwrap();
+    assert_eq!(hits.len(), 3);
+    assert_eq!(hits[0]["label"], "Tony_Blair");
+    assert_eq!(hits[1]["label"], "Tony_Blair");
+    assert!(hits[0]["score"].as_f64().unwrap() >= hits[1]["score"].as_f64().unwrap());
+
+    // Identify: a known face, and someone never enrolled.
+    let powell = photos("Colin_Powell", 3).pop().unwrap();
+    let stranger = photos("George_W_Bush", 1).pop().unwrap();
+    let out = ok(mfn(&[
+        "gallery",
+        "identify",
+        "--db",
+        s(&db),
+        "--json",
+        s(&json),
+        s(&powell),
+        s(&stranger),
+    ]));
+    assert!(
+        stderr(&out).contains("from registry entry `w600k_mbf`"),
+        "the threshold says where it came from: {}",
+        stderr(&out)
+    );
+    let v = read_json(&json);
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r[0]["label"], "Colin_Powell");
+    assert_eq!(r[0]["known"], true);
+    assert_eq!(r[1]["known"], false, "{v}");
+    assert!(r[1]["label"].is_null());
+    assert!(r[1]["best"]["score"].as_f64().unwrap() < v["threshold"].as_f64().unwrap());
+    assert!(stdout(&out).contains("unknown"));
+
+    // Remove by label and by id; list and stats.
+    ok(mfn(&[
+        "gallery",
+        "remove",
+        "--db",
+        s(&db),
+        "--label",
+        "Hugo_Chavez",
+    ]));
+    let out = ok(mfn(&["gallery", "remove", "--db", s(&db), "--id", "7"]));
+    assert!(stdout(&out).contains("removed 1 face(s)"));
+    let again = mfn(&["gallery", "remove", "--db", s(&db), "--id", "7"]);
+    assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
+    assert!(stderr(&again).contains("no face with id 7"));
+
+    ok(mfn(&[
+        "gallery",
+        "list",
+        "--db",
+        s(&db),
+        "--json",
+        s(&json),
+    ]));
+    let v = read_json(&json);
+    let labels: Vec<&str> = v["faces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        labels,
+        ["Colin_Powell", "Colin_Powell", "Tony_Blair", "Tony_Blair"]
+    );
+
+    let out = ok(mfn(&[
+        "gallery",
+        "stats",
+        "--db",
+        s(&db),
+        "--json",
+        s(&json),
+    ]));
+    assert!(stdout(&out).contains("faces        4"), "{}", stdout(&out));
+    let v = read_json(&json);
+    assert_eq!(
+        (v["faces"].as_u64(), v["labels"].as_u64()),
+        (Some(4), Some(2))
+    );
+    assert_eq!(v["dim"], 512);
+}
+
+#[test]
+fn aligned_crops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("aligned.db");
+    let lfw = asset("lfw/aligned-112x112");
+    let crop = |name: &str, n: u32| lfw.join(name).join(format!("{name}_{n:04}.jpg"));
+    ok(mfn(&[
+        "gallery",
+        "enroll",
+        "--aligned",
+        "--db",
+        s(&db),
+        "--label",
+        "Aaron_Peirsol",
+        s(&crop("Aaron_Peirsol", 1)),
+        s(&crop("Aaron_Peirsol", 2)),
+    ]));
+    let json = tmp.path().join("id.json");
+    ok(mfn(&[
+        "gallery",
+        "identify",
+        "--aligned",
+        "--db",
+        s(&db),
+        "--json",
+        s(&json),
+        s(&crop("Aaron_Peirsol", 3)),
+    ]));
+    assert_eq!(read_json(&json)["results"][0]["label"], "Aaron_Peirsol");
+}
+
+#[test]
+fn foreign_files_exit_2_naming_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let noise = tmp.path().join("noise.db");
+    std::fs::write(&noise, vec![0x5a; 4096]).unwrap();
+    for args in [
+        vec!["gallery", "list", "--db", s(&noise)],
+        vec!["gallery", "stats", "--db", s(&noise)],
+        vec!["gallery", "search", "--db", s(&noise), s(&noise)],
+    ] {
+        let out = mfn(&args);
+        common::assert_refused(&out, &noise);
+        assert!(
+            stderr(&out).contains("not a SQLite database"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    let missing = tmp.path().join("missing.db");
+    common::assert_refused(&mfn(&["gallery", "list", "--db", s(&missing)]), &missing);
+    let out = mfn(&["gallery", "list", "--db", "postgres://localhost/faces"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("not built yet"), "{}", stderr(&out));
+}
