@@ -5,9 +5,8 @@ Measures what the gallery's HNSW index is judged on, with faiss as the reference
 exact search (IndexFlatIP) and HNSW (IndexHNSWFlat, inner product) over N unit 512-d
 float32 vectors; build time, memory (RSS delta of the process), batch-1 top-k latency
 (median, ms), recall@k against the flat index and recall@1 (the first result is the
-exact nearest neighbour; for near-duplicates, the stored vector the query came from), for random queries and for
-near-duplicate queries (a stored vector plus small Gaussian noise, renormalised: a face
-seen again).
+exact nearest neighbour), for random queries and for near-duplicate queries (a stored
+vector plus small Gaussian noise, renormalised: a face seen again).
 
 Usage:
     python3 -m venv ~/.cache/mfn-peer-bench-venv

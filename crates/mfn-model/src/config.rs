@@ -483,7 +483,7 @@ impl Config {
         }
         width("stem_channels", self.stem_channels)?;
         if let Some(g) = self.stem_groups {
-            if g == 0 || self.stem_channels % g != 0 {
+            if g == 0 || !self.stem_channels.is_multiple_of(g) {
                 return Err(bad(format!(
                     "`stem_groups` is {g}, which does not divide `stem_channels` {}",
                     self.stem_channels

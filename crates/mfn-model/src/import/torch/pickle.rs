@@ -599,7 +599,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn set_items(&mut self, items: Vec<usize>, what: &str) -> Result<(), Fault> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.err(format!(
                 "{what} with {} items, not key/value pairs",
                 items.len()
