@@ -967,7 +967,7 @@ fn mutants_of_real_files_never_panic() {
     let calls = std::cell::Cell::new(0usize);
     let read_set = |rec: &[u8], idx: Option<&[u8]>, t: &mut Tally, what: &str, m: &[u8]| {
         calls.set(calls.get() + 1);
-        let (r, file) = if calls.get() % 8 == 0 {
+        let (r, file) = if calls.get().is_multiple_of(8) {
             fs::write(&rec_path, rec).unwrap();
             match idx {
                 Some(text) => fs::write(idx_path(&rec_path), text).unwrap(),

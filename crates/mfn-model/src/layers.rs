@@ -1,7 +1,7 @@
 //! The building blocks: conv + BatchNorm + PReLU units, bottlenecks and the embedding layer.
 //!
 //! Every layer has two paths. `forward_graph` is the faithful graph (candle convs, or
-//! [`crate::grad::depthwise_conv2d`] with its native backward for depthwise ones; BatchNorm
+//! [`crate::ops::depthwise_conv2d`] with its native backward for depthwise ones; BatchNorm
 //! in train or eval mode; autograd), for training and as the reference. `forward` is the
 //! inference path: BatchNorm is folded into the conv or FC weights when the layer is built,
 //! depthwise convs use [`crate::ops::DepthwiseConv2d`], and 1x1 convs run as plain matrix
@@ -17,9 +17,8 @@ use candle_nn::{BatchNorm, Init, VarBuilder};
 
 use crate::config::{Activation, BlockSpec, ConvSpec, EmbeddingSpec};
 use crate::engine;
-use crate::grad::{depthwise_conv2d, GraphConv};
+use crate::ops::{batch_norm_train, depthwise_conv2d, prelu, BatchStats, GraphConv};
 use crate::ops::{BiasPrelu, DepthwiseConv2d};
-use crate::train_ops::{batch_norm_train, prelu, BatchStats};
 
 /// BatchNorm on the graph path. In train mode on the CPU it runs the fused op with its
 /// native backward and updates the running statistics as candle's `BatchNorm` would
@@ -447,14 +446,14 @@ impl ConvBnAct {
                 io[i * cout + o] = w[o * cin + i];
             }
         }
-        Ok(engine::Pointwise {
-            w: io,
+        Ok(engine::Pointwise::new(
+            io,
             bias,
             slope,
-            cap: self.cap(),
+            self.cap(),
             cin,
             cout,
-        })
+        ))
     }
 
     /// Bias and activation after a folded conv, fused on the CPU (and on CUDA devices with
@@ -515,10 +514,10 @@ impl ConvBnAct {
 impl ConvBnAct {
     /// The unfolded graph: candle conv, BatchNorm (batch statistics when `train`),
     /// activation.
-    /// Depthwise convs run as [`crate::grad::depthwise_conv2d`] and 1x1 convs as matrix
+    /// Depthwise convs run as [`crate::ops::depthwise_conv2d`] and 1x1 convs as matrix
     /// products, both with fast backward passes; the stem conv through candle's `conv2d`.
     /// In train mode on the CPU, BatchNorm and the activation are the fused ops of
-    /// [`crate::train_ops`].
+    /// [`crate::ops`].
     pub fn forward_graph(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_graph_with(x, train, GraphConv::Native)
     }
@@ -718,14 +717,14 @@ impl Embedding {
                 w[to..to + cout].copy_from_slice(&nchw[from..from + cout]);
             }
         }
-        Ok(engine::Pointwise {
+        Ok(engine::Pointwise::new(
             w,
-            bias: to_arc_vec(&self.folded_bias)?.to_vec(),
-            slope: None,
-            cap: None,
+            to_arc_vec(&self.folded_bias)?.to_vec(),
+            None,
+            None,
             cin,
             cout,
-        })
+        ))
     }
 
     /// The inference path: one matrix product with the BatchNorm folded in.

@@ -7,12 +7,23 @@ pub mod config;
 pub mod cuda;
 mod engine;
 mod error;
-pub mod grad;
 pub mod import;
 pub mod layers;
 mod model;
 pub mod ops;
-pub mod train_ops;
+
+/// The training depthwise conv, now in [`ops`]; kept so that older paths still resolve.
+#[doc(hidden)]
+pub mod grad {
+    pub use crate::ops::depthwise_conv2d;
+}
+
+/// The training BatchNorm and activation ops, now in [`ops`]; kept so that older paths
+/// still resolve.
+#[doc(hidden)]
+pub mod train_ops {
+    pub use crate::ops::{batch_norm_train, prelu, BatchStats};
+}
 
 pub use checkpoint::{Checkpoint, CONFIG_KEY, FORMAT_KEY, FORMAT_VERSION};
 pub use config::{
@@ -21,9 +32,9 @@ pub use config::{
 };
 pub use engine::{LayerKind, LayerTimes};
 pub use error::{Error, Result};
-pub use grad::depthwise_conv2d;
 pub use layers::l2_normalize;
 pub use model::{hflip, MobileFaceNet};
+pub use ops::depthwise_conv2d;
 
 /// Whether this crate's native kernels run on `device`: the CPU always, CUDA devices when
 /// built with the `cuda` feature. Elsewhere the ops fall back to candle's.

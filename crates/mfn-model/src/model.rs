@@ -7,8 +7,8 @@ use crate::config::{Config, Plan, PoolSpec};
 use std::sync::{Arc, Mutex};
 
 use crate::engine::{CpuEngine, LayerTimes, Pool};
-use crate::grad::GraphConv;
 use crate::layers::{l2_normalize, Bottleneck, ConvBnAct, Embedding};
+use crate::ops::GraphConv;
 use crate::{Error, Result};
 
 /// MobileFaceNet: raw RGB faces in, embeddings out.

@@ -529,7 +529,7 @@ impl Trainer {
             tracing::debug!(step = m.step, loss = m.loss, lr = m.lr, "step");
             on_event(&Event::Step(m));
             let end = self.step >= self.config.steps || out_of_budget(self.step);
-            let every = |n: usize| n > 0 && self.step % n == 0;
+            let every = |n: usize| n > 0 && self.step.is_multiple_of(n);
             if !eval.is_empty() && (every(self.config.eval_every) || end) {
                 let results = self.evaluate(eval)?;
                 for r in &results {

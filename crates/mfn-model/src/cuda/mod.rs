@@ -489,7 +489,7 @@ pub(crate) fn bias_prelu(
     op: &str,
 ) -> Result<CudaStorage> {
     let dev = &x.device;
-    let (n, c, plane) = crate::train_ops::nc_plane(xl.shape(), op)?;
+    let (n, c, plane) = crate::ops::nc_plane(xl.shape(), op)?;
     if c != layout.channels || layout.taps != 0 {
         bail!("{op}: {c} channels, parameters for {}", layout.channels);
     }
@@ -633,7 +633,7 @@ pub(crate) fn prelu_forward(
     op: &str,
 ) -> Result<CudaStorage> {
     let dev = &x.device;
-    let (n, c, plane) = crate::train_ops::nc_plane(xl.shape(), op)?;
+    let (n, c, plane) = crate::ops::nc_plane(xl.shape(), op)?;
     let xv = f32_view(x, xl, op)?;
     let av = f32_view(a, al, op)?;
     if av.len() != c {
@@ -657,7 +657,7 @@ pub(crate) fn prelu_grad(
     op: &str,
 ) -> Result<CudaStorage> {
     let dev = &x.0.device;
-    let (n, c, plane) = crate::train_ops::nc_plane(x.1.shape(), op)?;
+    let (n, c, plane) = crate::ops::nc_plane(x.1.shape(), op)?;
     let xv = f32_view(x.0, x.1, op)?;
     let dv = f32_view(dy.0, dy.1, op)?;
     let av = f32_view(a.0, a.1, op)?;
@@ -693,7 +693,7 @@ pub(crate) fn batch_norm_forward(
     op: &str,
 ) -> Result<(CudaStorage, Vec<f32>, Vec<f32>)> {
     let dev = &x.0.device;
-    let (n, c, plane) = crate::train_ops::nc_plane(x.1.shape(), op)?;
+    let (n, c, plane) = crate::ops::nc_plane(x.1.shape(), op)?;
     let xv = f32_view(x.0, x.1, op)?;
     let gv = f32_view(gamma.0, gamma.1, op)?;
     let bv = f32_view(beta.0, beta.1, op)?;
@@ -732,7 +732,7 @@ pub(crate) fn batch_norm_grad(
     op: &str,
 ) -> Result<CudaStorage> {
     let dev = &x.0.device;
-    let (n, c, plane) = crate::train_ops::nc_plane(x.1.shape(), op)?;
+    let (n, c, plane) = crate::ops::nc_plane(x.1.shape(), op)?;
     let xv = f32_view(x.0, x.1, op)?;
     let dv = f32_view(dy.0, dy.1, op)?;
     let gv = f32_view(gamma.0, gamma.1, op)?;

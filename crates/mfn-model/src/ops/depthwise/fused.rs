@@ -1,12 +1,13 @@
-//! CPU kernels for inference with BatchNorm already folded into the weights.
+//! The inference depthwise conv: a forward-only candle op with BatchNorm already folded
+//! into its weights, bias and PReLU fused.
 //!
 //! candle runs a conv with `groups > 1` as one convolution per group and concatenates the
 //! results, which makes depthwise convs orders of magnitude slower than they need to be.
-//! These kernels work on a whole NCHW tensor at once, a few channel planes per rayon task.
-//! With the `cuda` feature both ops also run on CUDA devices (f32, f16 or bf16 storage,
-//! f32 arithmetic), copying their parameters to the device on each call; the network's
-//! own layers keep theirs on the device instead. Other devices fall back to candle's own
-//! ops, so results are the same everywhere.
+//! This kernel works on a whole NCHW tensor at once, a few channel planes per rayon task.
+//! With the `cuda` feature it also runs on CUDA devices (f32, f16 or bf16 storage, f32
+//! arithmetic), copying its parameters to the device on each call; the network's own layers
+//! keep theirs on the device instead. Other devices fall back to candle's own ops, so
+//! results are the same everywhere.
 
 use std::sync::Arc;
 
@@ -447,112 +448,10 @@ impl CustomOp1 for DepthwiseConv2d {
     }
 }
 
-/// Adds a per-channel bias and applies an optional per-channel PReLU and upper clamp, in
-/// one pass.
-#[derive(Clone, Debug)]
-pub struct BiasPrelu {
-    /// One bias per channel.
-    pub bias: Arc<Vec<f32>>,
-    /// One PReLU slope per channel, or `None` for bias only. ReLU is a zero slope.
-    pub prelu: Option<Arc<Vec<f32>>>,
-    /// An upper clamp after the activation (6 for ReLU6), or `None`.
-    pub cap: Option<f32>,
-}
-
-impl BiasPrelu {
-    /// Applies the op to a tensor whose dim 1 is the channel axis.
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(self)
-    }
-}
-
-impl CustomOp1 for BiasPrelu {
-    fn name(&self) -> &'static str {
-        "mfn-bias-prelu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = layout.shape().dims();
-        if dims.len() < 2 || dims[1] != self.bias.len() {
-            candle_core::bail!(
-                "bias/prelu: input shape {dims:?} does not have {} channels in dim 1",
-                self.bias.len()
-            );
-        }
-        let src = match (storage, layout.contiguous_offsets()) {
-            (CpuStorage::F32(data), Some((a, b))) => &data[a..b],
-            (CpuStorage::F32(_), None) => {
-                candle_core::bail!("bias/prelu: input must be contiguous")
-            }
-            _ => candle_core::bail!("bias/prelu: only f32 is supported"),
-        };
-        let c = dims[1];
-        let plane = dims[2..].iter().product::<usize>().max(1);
-        let mut dst = src.to_vec();
-        dst.par_chunks_mut(plane).enumerate().for_each(|(i, p)| {
-            let b = self.bias[i % c];
-            match &self.prelu {
-                Some(slope) => {
-                    let a = slope[i % c];
-                    for v in p.iter_mut() {
-                        let y = *v + b;
-                        *v = if y < 0.0 { y * a } else { y };
-                    }
-                }
-                None => p.iter_mut().for_each(|v| *v += b),
-            }
-            if let Some(cap) = self.cap {
-                p.iter_mut().for_each(|v| *v = v.min(cap));
-            }
-        });
-        Ok((CpuStorage::F32(dst), layout.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        storage: &candle_core::CudaStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let c = self.bias.len();
-        if self.prelu.as_ref().is_some_and(|a| a.len() != c) {
-            candle_core::bail!(
-                "bias/prelu: {c} biases, {} slopes",
-                self.prelu.as_ref().map_or(0, |a| a.len())
-            );
-        }
-        let params = crate::cuda::pack_params(
-            &[],
-            Some(&self.bias),
-            self.prelu.as_deref().map(|v| v.as_slice()),
-        );
-        let params = crate::cuda::upload(&storage.device, &params)?;
-        let layout_p = crate::cuda::ParamLayout {
-            channels: c,
-            taps: 0,
-            bias: true,
-            slope: self.prelu.is_some(),
-        };
-        let y = crate::cuda::bias_prelu(
-            storage,
-            layout,
-            &params.slice(..),
-            layout_p,
-            self.cap,
-            self.name(),
-        )?;
-        Ok((y, layout.shape().clone()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, IndexOp};
+    use candle_core::Device;
 
     fn ramp(shape: &[usize], seed: f32) -> Tensor {
         let n: usize = shape.iter().product();
@@ -659,42 +558,5 @@ mod tests {
         // Planes of several bands, the last one short.
         check([1, 2, 130, 200], 3, 1, 1, true, false);
         check([1, 2, 131, 201], 3, 2, 1, true, false);
-    }
-
-    #[test]
-    fn bias_prelu_applies_per_channel() {
-        let op = BiasPrelu {
-            bias: Arc::new(vec![1.0, -1.0]),
-            prelu: Some(Arc::new(vec![0.5, 0.25])),
-            cap: None,
-        };
-        let x = Tensor::new(&[[[0.5f32, -3.0]], [[0.5, 2.0]]], &Device::Cpu)
-            .unwrap()
-            .reshape((1, 2, 1, 2))
-            .unwrap();
-        let y = op.forward(&x).unwrap();
-        assert_eq!(
-            y.i((0, 0, 0)).unwrap().to_vec1::<f32>().unwrap(),
-            [1.5, -1.0]
-        );
-        assert_eq!(
-            y.i((0, 1, 0)).unwrap().to_vec1::<f32>().unwrap(),
-            [-0.125, 1.0]
-        );
-    }
-
-    #[test]
-    fn bias_relu6_clamps_both_ends() {
-        let op = BiasPrelu {
-            bias: Arc::new(vec![1.0]),
-            prelu: Some(Arc::new(vec![0.0])),
-            cap: Some(6.0),
-        };
-        let x = Tensor::new(&[-4.0f32, 2.0, 9.0], &Device::Cpu)
-            .unwrap()
-            .reshape((1, 1, 1, 3))
-            .unwrap();
-        let y = op.forward(&x).unwrap().flatten_all().unwrap();
-        assert_eq!(y.to_vec1::<f32>().unwrap(), [0.0, 3.0, 6.0]);
     }
 }

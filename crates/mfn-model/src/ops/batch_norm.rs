@@ -1,74 +1,18 @@
-//! Fused CPU ops for the training graph, each with a native backward: BatchNorm with
-//! batch statistics, and the activations (PReLU, ReLU, ReLU6).
+//! BatchNorm with batch statistics for the training graph, with its native backward.
 //!
 //! candle builds BatchNorm in train mode from about a dozen broadcast ops, each allocating
-//! and walking a whole activation tensor, forward and backward; these do one or two passes
+//! and walking a whole activation tensor, forward and backward; this does one or two passes
 //! over NCHW planes instead. Reductions run per channel in a fixed order, so results do not
-//! depend on the number of threads. With the `cuda` feature the same ops run on CUDA
-//! devices as native kernels (`mfn_model::cuda` (with the `cuda` feature); one block per channel for the reductions).
-//! Other devices and dtypes fall back to candle's ops.
+//! depend on the number of threads. With the `cuda` feature the same op runs on CUDA
+//! devices as native kernels (one block per channel for the reductions). Other devices and
+//! dtypes fall back to candle's ops.
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        (CpuStorage::F32(_), None) => bail!("{what}: input must be contiguous"),
-        _ => bail!("{what}: only f32 is supported"),
-    }
-}
-
-/// `(N, C, plane)` of an NCHW (or NC) shape.
-pub(crate) fn nc_plane(shape: &Shape, what: &str) -> Result<(usize, usize, usize)> {
-    let d = shape.dims();
-    if d.len() < 2 {
-        bail!("{what}: expected at least [N, C], got {d:?}");
-    }
-    Ok((d[0], d[1], d[2..].iter().product::<usize>().max(1)))
-}
-
-/// The inputs of a backward op: `x` and `dy` of one NCHW shape, and one value per
-/// channel (gamma, or the slopes), checked against each other.
-struct GradInputs<'a> {
-    n: usize,
-    c: usize,
-    plane: usize,
-    x: &'a [f32],
-    dy: &'a [f32],
-    per_channel: &'a [f32],
-}
-
-impl<'a> GradInputs<'a> {
-    #[allow(clippy::too_many_arguments)]
-    fn read(
-        what: &str,
-        xs: &'a CpuStorage,
-        xl: &Layout,
-        ds: &'a CpuStorage,
-        dl: &Layout,
-        ps: &'a CpuStorage,
-        pl: &Layout,
-    ) -> Result<Self> {
-        let (n, c, plane) = nc_plane(xl.shape(), what)?;
-        let x = slice(xs, xl, what)?;
-        let dy = slice(ds, dl, what)?;
-        let per_channel = slice(ps, pl, what)?;
-        if dy.len() != x.len() || per_channel.len() != c {
-            bail!("{what}: shapes disagree");
-        }
-        Ok(Self {
-            n,
-            c,
-            plane,
-            x,
-            dy,
-            per_channel,
-        })
-    }
-}
+use super::{host_f32, nc_plane, GradInputs};
 
 /// Per-channel mean and biased variance, accumulated in f64 over images in order.
 fn channel_stats(x: &[f32], n: usize, c: usize, plane: usize) -> Vec<(f64, f64)> {
@@ -155,8 +99,11 @@ impl CustomOp3 for BatchNormTrain {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, plane) = nc_plane(xl.shape(), "batch norm")?;
-        let x = slice(xs, xl, "batch norm")?;
-        let (g, b) = (slice(gs, gl, "batch norm")?, slice(bs, bl, "batch norm")?);
+        let x = host_f32(xs, xl, "batch norm")?;
+        let (g, b) = (
+            host_f32(gs, gl, "batch norm")?,
+            host_f32(bs, bl, "batch norm")?,
+        );
         if g.len() != c || b.len() != c {
             bail!(
                 "batch norm: {c} channels, but gamma/beta have {}/{}",
@@ -340,178 +287,10 @@ impl CustomOp3 for BatchNormGrad {
     }
 }
 
-struct Prelu {
-    cap: Option<f32>,
-}
-
-/// `min(max(x, 0) + a * min(x, 0), cap)` with one slope `a` per channel (dim 1),
-/// differentiable in `x` and `slope`. ReLU is a zero slope that takes no gradient; pass
-/// `cap = Some(6.0)` for ReLU6.
-pub fn prelu(x: &Tensor, slope: &Tensor, cap: Option<f32>) -> Result<Tensor> {
-    if crate::native_device(x.device()) && x.dtype() == DType::F32 {
-        return x
-            .contiguous()?
-            .apply_op2_arc(&slope.contiguous()?, Arc::new(Box::new(Prelu { cap })));
-    }
-    let mut shape = vec![1; x.rank()];
-    shape[1] = slope.elem_count();
-    // The folded inference path may run in f16/bf16 with f32 slopes.
-    let a = slope.reshape(shape)?.to_dtype(x.dtype())?;
-    let y = (x.relu()? + x.minimum(0f32)?.broadcast_mul(&a)?)?;
-    match cap {
-        Some(c) => y.minimum(c),
-        None => Ok(y),
-    }
-}
-
-impl CustomOp2 for Prelu {
-    fn name(&self) -> &'static str {
-        "mfn-prelu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ss: &CpuStorage,
-        sl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, plane) = nc_plane(xl.shape(), "prelu")?;
-        let x = slice(xs, xl, "prelu")?;
-        let a = slice(ss, sl, "prelu")?;
-        if a.len() != c {
-            bail!("prelu: {c} channels, {} slopes", a.len());
-        }
-        let cap = self.cap.unwrap_or(f32::INFINITY);
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(plane)
-            .zip(x.par_chunks(plane))
-            .enumerate()
-            .for_each(|(i, (o, xi))| {
-                let a = a[i % c];
-                for (o, &v) in o.iter_mut().zip(xi) {
-                    *o = (v.max(0.0) + a * v.min(0.0)).min(cap);
-                }
-            });
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &candle_core::CudaStorage,
-        xl: &Layout,
-        ss: &candle_core::CudaStorage,
-        sl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let y = crate::cuda::prelu_forward(xs, xl, ss, sl, self.cap, "prelu")?;
-        Ok((y, xl.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        slope: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let c = slope.elem_count();
-        let packed =
-            x.apply_op3_no_bwd(&grad.contiguous()?, slope, &PreluGrad { cap: self.cap })?;
-        let len = x.elem_count();
-        Ok((
-            Some(packed.narrow(0, 0, len)?.reshape(x.shape())?),
-            Some(packed.narrow(0, len, c)?),
-        ))
-    }
-}
-
-/// The backward of [`Prelu`]: `[dx..., dslope (C)]`.
-struct PreluGrad {
-    cap: Option<f32>,
-}
-
-impl CustomOp3 for PreluGrad {
-    fn name(&self) -> &'static str {
-        "mfn-prelu-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ds: &CpuStorage,
-        dl: &Layout,
-        ss: &CpuStorage,
-        sl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let GradInputs {
-            n,
-            c,
-            plane,
-            x,
-            dy,
-            per_channel: a,
-        } = GradInputs::read("prelu grad", xs, xl, ds, dl, ss, sl)?;
-        let cap = self.cap.unwrap_or(f32::INFINITY);
-        let mut out = vec![0f32; x.len() + c];
-        let (dx, da) = out.split_at_mut(x.len());
-        dx.par_chunks_mut(plane)
-            .zip(dy.par_chunks(plane).zip(x.par_chunks(plane)))
-            .enumerate()
-            .for_each(|(i, (o, (d, v)))| {
-                let a = a[i % c];
-                for ((o, &d), &v) in o.iter_mut().zip(d).zip(v) {
-                    // Zero gradient where the cap clips, as PyTorch's ReLU6.
-                    *o = if v > 0.0 {
-                        if v < cap {
-                            d
-                        } else {
-                            0.0
-                        }
-                    } else {
-                        a * d
-                    };
-                }
-            });
-        let sums: Vec<f32> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let mut s = 0f64;
-                for i in 0..n {
-                    let r = (i * c + ch) * plane..(i * c + ch + 1) * plane;
-                    for (&d, &v) in dy[r.clone()].iter().zip(&x[r]) {
-                        if v < 0.0 {
-                            s += (d * v) as f64;
-                        }
-                    }
-                }
-                s as f32
-            })
-            .collect();
-        da.copy_from_slice(&sums);
-        Ok((CpuStorage::F32(out), Shape::from(x.len() + c)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &candle_core::CudaStorage,
-        xl: &Layout,
-        ds: &candle_core::CudaStorage,
-        dl: &Layout,
-        ss: &candle_core::CudaStorage,
-        sl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (_, c, _) = nc_plane(xl.shape(), "prelu grad")?;
-        let out = crate::cuda::prelu_grad((xs, xl), (ds, dl), (ss, sl), self.cap, "prelu grad")?;
-        Ok((out, Shape::from(xl.shape().elem_count() + c)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::prelu;
     use candle_core::{Device, Var};
 
     fn ramp(shape: &[usize], seed: f32) -> Tensor {

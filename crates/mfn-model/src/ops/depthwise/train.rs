@@ -18,6 +18,8 @@
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::ops::host_f32;
+
 /// Which conv the graph path uses for depthwise layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum GraphConv {
@@ -192,15 +194,6 @@ fn mul_acc(acc: &mut [f32], g: &[f32], inp: &[f32], s: usize) {
         for ((a, v), i) in acc.iter_mut().zip(g).zip(inp.iter().step_by(s)) {
             *a += *v * *i;
         }
-    }
-}
-
-/// The contiguous `f32` data behind a custom op's argument.
-fn host_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(data), Some((a, b))) => Ok(&data[a..b]),
-        (CpuStorage::F32(_), None) => bail!("{op}: inputs must be contiguous"),
-        _ => bail!("{op}: only f32 is supported"),
     }
 }
 
