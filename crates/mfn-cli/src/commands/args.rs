@@ -130,7 +130,7 @@ pub fn det_size(s: &str) -> Result<mfn_detect::scrfd::InputSize, String> {
     let bad = || format!("`{s}` is not letterbox:N or fit:N");
     let (kind, n) = s.split_once(':').ok_or_else(bad)?;
     let n: u32 = n.trim().parse().map_err(|_| bad())?;
-    if !(32..=4096).contains(&n) || n % 32 != 0 {
+    if !(32..=4096).contains(&n) || !n.is_multiple_of(32) {
         return Err(format!(
             "{n}: the side must be a multiple of 32 in 32..=4096"
         ));
