@@ -50,15 +50,8 @@ pub struct Args {
 }
 
 fn parse_size(s: &str) -> Result<InputSize> {
-    let (kind, n) = s
-        .split_once(':')
-        .with_context(|| format!("--det-size `{s}`: expected letterbox:N or fit:N"))?;
-    let n: u32 = n.parse().with_context(|| format!("--det-size `{s}`"))?;
-    Ok(match kind {
-        "letterbox" => InputSize::Letterbox(n),
-        "fit" => InputSize::Fit { max_side: n },
-        _ => bail!("--det-size `{s}`: expected letterbox:N or fit:N"),
-    })
+    s.parse()
+        .map_err(|e: String| anyhow::anyhow!("--det-size: {e}"))
 }
 
 fn photos_under(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -247,7 +240,16 @@ pub fn run(args: Args) -> Result<()> {
         rows.push(row);
     }
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
+        // Through a temporary file beside it, synced and renamed: never a half-written file.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)
+            .with_context(|| format!("writing {}", path.display()))?;
+        std::io::Write::write_all(&mut tmp, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(path)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())

@@ -393,14 +393,8 @@ impl Pipeline {
                       with `mfn-cli eval --save-threshold`"
                 .into(),
         })?;
-        if a.len() != b.len() || a.is_empty() {
-            return Err(Error::Setting(format!(
-                "cannot compare embeddings of {} and {} values",
-                a.len(),
-                b.len()
-            )));
-        }
-        let cosine = cosine(a, b);
+        let cosine = mfn_eval::cosine(a, b)
+            .map_err(|e| Error::Setting(format!("cannot compare the embeddings: {e}")))?;
         Ok(Decision {
             cosine,
             threshold: t.cosine,
@@ -409,22 +403,6 @@ impl Pipeline {
             threshold_derivation: t.derivation.clone(),
         })
     }
-}
-
-/// Cosine similarity, accumulated in f64 and clamped to `-1..=1`; 0 when either vector is
-/// zero.
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (x as f64, y as f64);
-        ab += x * y;
-        aa += x * x;
-        bb += y * y;
-    }
-    if aa == 0.0 || bb == 0.0 {
-        return 0.0;
-    }
-    (ab / (aa.sqrt() * bb.sqrt())).clamp(-1.0, 1.0)
 }
 
 /// Builds a [`Pipeline`] or a [`FaceAligner`]. Everything left unset comes from the

@@ -124,22 +124,9 @@ pub fn face_size(s: &str) -> Result<f32, String> {
     Ok(v as f32)
 }
 
-/// SCRFD's input sizing: `letterbox:N` or `fit:N`, N a multiple of 32 in 32..=4096.
+/// SCRFD's input sizing: `letterbox:N` or `fit:N` (see `InputSize`'s `FromStr`).
 pub fn det_size(s: &str) -> Result<mfn_detect::scrfd::InputSize, String> {
-    use mfn_detect::scrfd::InputSize;
-    let bad = || format!("`{s}` is not letterbox:N or fit:N");
-    let (kind, n) = s.split_once(':').ok_or_else(bad)?;
-    let n: u32 = n.trim().parse().map_err(|_| bad())?;
-    if !(32..=4096).contains(&n) || !n.is_multiple_of(32) {
-        return Err(format!(
-            "{n}: the side must be a multiple of 32 in 32..=4096"
-        ));
-    }
-    match kind {
-        "letterbox" => Ok(InputSize::Letterbox(n)),
-        "fit" => Ok(InputSize::Fit { max_side: n }),
-        _ => Err(bad()),
-    }
+    s.parse()
 }
 
 /// An image file extension: 1 to 8 letters or digits (it is joined to file names).

@@ -63,6 +63,27 @@ pub enum InputSize {
     },
 }
 
+impl std::str::FromStr for InputSize {
+    type Err = String;
+
+    /// `letterbox:N` or `fit:N`, N a multiple of 32 in 32..=[`MAX_INPUT_SIDE`].
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("`{s}` is not letterbox:N or fit:N");
+        let (kind, n) = s.split_once(':').ok_or_else(bad)?;
+        let n: u32 = n.trim().parse().map_err(|_| bad())?;
+        if !(32..=MAX_INPUT_SIDE).contains(&n) || !n.is_multiple_of(32) {
+            return Err(format!(
+                "{n}: the side must be a multiple of 32 in 32..={MAX_INPUT_SIDE}"
+            ));
+        }
+        match kind {
+            "letterbox" => Ok(Self::Letterbox(n)),
+            "fit" => Ok(Self::Fit { max_side: n }),
+            _ => Err(bad()),
+        }
+    }
+}
+
 /// A photo sized for the network, and the factor that maps it back.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Prepared {
