@@ -1,7 +1,10 @@
 //! `mfn-cli gallery`: enroll from a folder of people, search, identify known and unknown
-//! faces, remove, list, stats, `--json`, and clean refusals of foreign files.
+//! faces, remove, list, stats, `--json`, and clean refusals of foreign files; the same on
+//! a PostgreSQL gallery.
 
 mod common;
+#[path = "../../mfn-gallery/tests/common/pg.rs"]
+mod pg;
 
 use std::path::{Path, PathBuf};
 
@@ -227,7 +230,115 @@ fn foreign_files_exit_2_naming_them() {
     }
     let missing = tmp.path().join("missing.db");
     common::assert_refused(&mfn(&["gallery", "list", "--db", s(&missing)]), &missing);
-    let out = mfn(&["gallery", "list", "--db", "postgres://localhost/faces"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("not built yet"), "{}", stderr(&out));
+    // A database that is not there: its URL, password masked, and why.
+    let out = mfn(&[
+        "gallery",
+        "list",
+        "--db",
+        "postgres://me:hunter2@127.0.0.1:1/faces",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("postgres://me:***@127.0.0.1:1/faces"), "{err}");
+    assert!(err.contains("connect"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
+/// The same commands on a PostgreSQL gallery (a throwaway server, see
+/// `mfn-gallery/tests/common/pg.rs` for where it comes from).
+#[test]
+fn postgres_enroll_search_identify() {
+    let server = pg::PgServer::start();
+    let db = server.url("postgres");
+    let tmp = tempfile::tempdir().unwrap();
+    let people = tmp.path().join("people");
+    for person in ["Colin_Powell", "Tony_Blair", "Hugo_Chavez"] {
+        let dir = people.join(person);
+        std::fs::create_dir_all(&dir).unwrap();
+        for p in photos(person, 2) {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let json = tmp.path().join("out.json");
+
+    let out = ok(mfn(&[
+        "gallery",
+        "enroll",
+        "--db",
+        &db,
+        "--from-dir",
+        s(&people),
+        "--json",
+        s(&json),
+    ]));
+    assert!(
+        stdout(&out).contains("enrolled 6 face(s)"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(read_json(&json)["faces"], 6);
+    // The server holds them: another client sees six rows of 512 values.
+    assert_eq!(
+        server.psql(
+            "postgres",
+            "SELECT count(*), min(vector_dims(embedding)) FROM mfn_faces"
+        ),
+        "6|512"
+    );
+
+    let blair = photos("Tony_Blair", 3).pop().unwrap();
+    ok(mfn(&[
+        "gallery",
+        "search",
+        "--db",
+        &db,
+        "--k",
+        "3",
+        "--index",
+        "hnsw",
+        "--json",
+        s(&json),
+        s(&blair),
+    ]));
+    let v = read_json(&json);
+    assert_eq!(v["db"], db.as_str());
+    let hits = v["results"][0]["hits"].as_array().unwrap();
+    assert_eq!(hits.len(), 3);
+    assert_eq!(hits[0]["label"], "Tony_Blair");
+    assert_eq!(hits[1]["label"], "Tony_Blair");
+
+    let powell = photos("Colin_Powell", 3).pop().unwrap();
+    let stranger = photos("George_W_Bush", 1).pop().unwrap();
+    let out = ok(mfn(&[
+        "gallery",
+        "identify",
+        "--db",
+        &db,
+        "--json",
+        s(&json),
+        s(&powell),
+        s(&stranger),
+    ]));
+    let v = read_json(&json);
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r[0]["label"], "Colin_Powell");
+    assert_eq!(r[0]["known"], true);
+    assert_eq!(r[1]["known"], false, "{v}");
+    assert!(stdout(&out).contains("unknown"));
+
+    ok(mfn(&[
+        "gallery",
+        "remove",
+        "--db",
+        &db,
+        "--label",
+        "Hugo_Chavez",
+    ]));
+    let out = ok(mfn(&["gallery", "stats", "--db", &db, "--json", s(&json)]));
+    assert!(stdout(&out).contains("(postgres)"), "{}", stdout(&out));
+    let v = read_json(&json);
+    assert_eq!(
+        (v["faces"].as_u64(), v["labels"].as_u64()),
+        (Some(4), Some(2))
+    );
 }

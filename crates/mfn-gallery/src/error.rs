@@ -94,8 +94,11 @@ pub enum Error {
         limit: u64,
     },
 
-    /// A backend that this build does not provide yet (`postgres://`).
-    #[error("{location}: the {backend} backend is not built yet; use a SQLite file path")]
+    /// A backend left out of this build (`postgres://` without the `postgres` feature).
+    #[error(
+        "{location}: the {backend} backend is not built in (build mfn-gallery with its \
+         `postgres` feature); use a SQLite file path"
+    )]
     BackendNotBuilt {
         /// The location as given.
         location: String,
@@ -111,6 +114,29 @@ pub enum Error {
         /// SQLite's error.
         #[source]
         source: Box<rusqlite::Error>,
+    },
+
+    /// PostgreSQL failed on the database (its URL without the password).
+    #[cfg(feature = "postgres")]
+    #[error("{location}: {message}")]
+    Postgres {
+        /// The database's URL, password masked.
+        location: String,
+        /// What failed: the server's message with its detail and hint, or the client's.
+        message: String,
+        /// The client's error.
+        #[source]
+        source: Box<postgres::Error>,
+    },
+
+    /// The database server cannot hold a gallery as it is (the pgvector extension
+    /// missing).
+    #[error("{location}: {message}")]
+    Server {
+        /// The database's URL, password masked.
+        location: String,
+        /// What is wrong, and what to do.
+        message: String,
     },
 
     /// SQLite failed outside of any one file.

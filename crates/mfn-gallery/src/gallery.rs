@@ -8,7 +8,7 @@ use mfn_detect::Pipeline;
 
 use crate::index::{Index, IndexKind};
 use crate::sqlite::{now, SqliteStore};
-use crate::store::{check_model, Enrollment, Face, Location, Store};
+use crate::store::{check_model, Enrollment, Face, Location, ServerSearch, Store};
 use crate::{Error, Fingerprint, Result};
 
 /// The default memory limit of a gallery's search index: 16 GiB, about 8 million
@@ -89,14 +89,18 @@ struct Loaded {
 
 /// Labelled faces, stored, and searched by cosine.
 ///
-/// Persistence goes through a [`Store`] ([`SqliteStore`] for a file path), search through
-/// an [`Index`] ([`crate::ExactIndex`] by default), built from the store on the first
-/// search and kept in step with enrollments and removals afterwards. Embeddings are
-/// stored unit length. A gallery belongs to the model that embedded its faces: opening it
-/// for another model's [`Fingerprint`] is refused.
+/// Persistence goes through a [`Store`] ([`SqliteStore`] for a file path, `PgStore` for a
+/// `postgres://` URL). Search goes to the store when it searches on its own (PostgreSQL:
+/// an exact scan or pgvector's HNSW index, as the [`IndexKind`] or
+/// [`Gallery::set_server_search`] says), else
+/// through an in-memory [`Index`] ([`crate::ExactIndex`] by default), built from the
+/// store on the first search and kept in step with enrollments and removals afterwards.
+/// Embeddings are stored unit length. A gallery belongs to the model that embedded its
+/// faces: opening it for another model's [`Fingerprint`] is refused.
 pub struct Gallery {
     store: Box<dyn Store>,
     index_kind: IndexKind,
+    server_search: ServerSearch,
     memory_limit: u64,
     loaded: OnceCell<Loaded>,
 }
@@ -107,6 +111,9 @@ impl Gallery {
     pub fn open(location: impl Into<Location>) -> Result<Self> {
         let store: Box<dyn Store> = match location.into() {
             Location::Sqlite(path) => Box::new(SqliteStore::open(&path)?),
+            #[cfg(feature = "postgres")]
+            Location::Postgres(url) => Box::new(crate::PgStore::open(&url)?),
+            #[cfg(not(feature = "postgres"))]
             other => return Err(other.not_built()),
         };
         Ok(Self::with_store(store))
@@ -134,6 +141,9 @@ impl Gallery {
     ) -> Result<Self> {
         let store: Box<dyn Store> = match location.into() {
             Location::Sqlite(path) => Box::new(SqliteStore::create(&path, fingerprint, dim)?),
+            #[cfg(feature = "postgres")]
+            Location::Postgres(url) => Box::new(crate::PgStore::create(&url, fingerprint, dim)?),
+            #[cfg(not(feature = "postgres"))]
             other => return Err(other.not_built()),
         };
         Ok(Self::with_store(store))
@@ -146,14 +156,22 @@ impl Gallery {
         dim: usize,
     ) -> Result<Self> {
         let location = location.into();
-        let exists = match &location {
-            Location::Sqlite(path) => path.exists(),
-            other => return Err(other.not_built()),
-        };
-        if exists {
+        if Self::exists(&location)? {
             Self::open_for(location, fingerprint, dim)
         } else {
             Self::create(location, fingerprint, dim)
+        }
+    }
+
+    /// Whether there is a gallery at `location`: the file exists, or the database holds a
+    /// gallery's tables (an error when it cannot be reached).
+    pub fn exists(location: &Location) -> Result<bool> {
+        match location {
+            Location::Sqlite(path) => Ok(path.exists()),
+            #[cfg(feature = "postgres")]
+            Location::Postgres(url) => crate::PgStore::exists(url),
+            #[cfg(not(feature = "postgres"))]
+            other => Err(other.not_built()),
         }
     }
 
@@ -162,16 +180,40 @@ impl Gallery {
         Self {
             store,
             index_kind: IndexKind::default(),
+            server_search: ServerSearch::from(IndexKind::default()),
             memory_limit: DEFAULT_MEMORY_LIMIT,
             loaded: OnceCell::new(),
         }
     }
 
     /// Chooses the index the next search builds [default: [`IndexKind::Exact`]]; an index
-    /// already built is dropped.
+    /// already built is dropped (an HNSW index saved first). A SQLite gallery keeps its
+    /// [`IndexKind::Hnsw`] index in a file beside it (`faces.db.hnsw`), loaded and brought
+    /// up to date on the first search, or rebuilt when it cannot be used: see
+    /// [`crate::hnsw`]. A store that searches on its server (PostgreSQL) is searched the
+    /// matching way there instead (see [`ServerSearch`]'s `From<IndexKind>`).
     pub fn set_index_kind(&mut self, kind: IndexKind) {
         self.index_kind = kind;
+        self.server_search = ServerSearch::from(kind);
         self.loaded = OnceCell::new();
+    }
+
+    /// Saves the search index where it persists (an HNSW index beside a SQLite gallery)
+    /// when it changed; it is also saved when the gallery is dropped. Enrollments and
+    /// removals are in the store as soon as they return, whether flushed or not: an index
+    /// file left behind is caught up on the next open.
+    pub fn flush(&mut self) -> Result<()> {
+        match self.loaded.get_mut() {
+            Some(loaded) => loaded.index.flush(),
+            None => Ok(()),
+        }
+    }
+
+    /// How a store that searches on its server does it [default: as the index kind says,
+    /// so exact]: [`ServerSearch::Hnsw`] with any `ef_search`, or [`ServerSearch::Exact`].
+    /// Stores searched in memory (SQLite) ignore it: see [`Gallery::set_index_kind`].
+    pub fn set_server_search(&mut self, how: ServerSearch) {
+        self.server_search = how;
     }
 
     /// The most bytes the search index may take [default: [`DEFAULT_MEMORY_LIMIT`]]: a
@@ -375,7 +417,13 @@ impl Gallery {
                 limit: self.memory_limit,
             });
         }
-        let mut index = self.index_kind.build(dim);
+        if let Some((index, labels)) =
+            crate::hnsw::open_beside(self.store.as_ref(), self.index_kind)?
+        {
+            let _ = self.loaded.set(Loaded { index, labels });
+            return Ok(self.loaded.get().expect("set above"));
+        }
+        let mut index = self.index_kind.build(dim)?;
         let mut labels = HashMap::with_capacity(rows as usize);
         let (mut ids, mut block) = (Vec::new(), Vec::new());
         self.store.scan(&mut |face, embedding| {
@@ -424,10 +472,19 @@ impl Gallery {
     /// several may share a label.
     pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<Hit>> {
         let q = self.unit_query(query)?;
+        self.search_unit(&q, k)
+    }
+
+    /// [`Gallery::search`] for a unit-length query: the store's own search when it has
+    /// one, else the in-memory index.
+    fn search_unit(&self, q: &[f32], k: usize) -> Result<Vec<Hit>> {
+        if let Some(hits) = self.store.search(q, k, self.server_search)? {
+            return Ok(hits);
+        }
         let loaded = self.loaded()?;
         Ok(loaded
             .index
-            .search(&q, k)
+            .search(q, k)
             .into_iter()
             .map(|s| Hit {
                 id: s.id,
@@ -437,24 +494,27 @@ impl Gallery {
             .collect())
     }
 
+    /// How many faces a search can see: the store's count when it searches (answering
+    /// `k = 0` costs it nothing), else the in-memory index's.
+    fn searchable(&self) -> Result<usize> {
+        if self.store.search(&[], 0, self.server_search)?.is_some() {
+            return Ok(self.store.count()? as usize);
+        }
+        Ok(self.loaded()?.index.len())
+    }
+
     /// The `k` labels most similar to `query`, each by its best face, best first.
     pub fn search_labels(&self, query: &[f32], k: usize) -> Result<Vec<Hit>> {
         let q = self.unit_query(query)?;
-        let loaded = self.loaded()?;
-        let n = loaded.index.len();
+        let n = self.searchable()?;
         // Look deeper until `k` distinct labels turn up or every face has been seen.
         let mut depth = k.saturating_mul(4).max(16).min(n);
         loop {
             let mut seen = HashSet::new();
             let mut out = Vec::new();
-            for s in loaded.index.search(&q, depth) {
-                let label = loaded.labels.get(&s.id).cloned().unwrap_or_default();
-                if seen.insert(label.clone()) {
-                    out.push(Hit {
-                        id: s.id,
-                        label,
-                        score: s.score,
-                    });
+            for hit in self.search_unit(&q, depth)? {
+                if seen.insert(hit.label.clone()) {
+                    out.push(hit);
                     if out.len() == k {
                         return Ok(out);
                     }

@@ -1,10 +1,11 @@
-//! Search over a gallery's embeddings: the [`Index`] trait, and [`ExactIndex`], which
-//! scores every face.
+//! Search over a gallery's embeddings: the [`Index`] trait, [`ExactIndex`], which scores
+//! every face, and the choice between it and [`crate::HnswIndex`] ([`IndexKind`]).
 //!
 //! An index holds unit-length vectors under the ids the store gave them and answers
 //! "which `k` are nearest to this query" by cosine (a dot product, the vectors being unit
-//! length). [`ExactIndex`] is exact and needs no training; an approximate index (HNSW, say)
-//! implements the same trait and is chosen through [`IndexKind`].
+//! length). [`ExactIndex`] is exact and needs no training; [`crate::HnswIndex`] is
+//! approximate (a graph), much faster on large galleries, and kept in a file beside a
+//! SQLite gallery.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashSet};
@@ -24,9 +25,9 @@ pub struct Scored {
 
 /// Nearest-neighbour search over unit-length vectors, by cosine.
 ///
-/// Implementations: [`ExactIndex`]. An approximate index (HNSW) slots in by implementing
-/// this trait and adding a variant to [`IndexKind`]; the gallery keeps it in step with its
-/// store through [`Index::add`] and [`Index::remove`].
+/// Implementations: [`ExactIndex`] and [`crate::HnswIndex`], chosen through [`IndexKind`];
+/// the gallery keeps its index in step with its store through [`Index::add`] and
+/// [`Index::remove`], and saves one that persists with [`Index::flush`].
 pub trait Index: Send + Sync {
     /// A short name for reports (`exact`).
     fn name(&self) -> &'static str;
@@ -59,6 +60,12 @@ pub trait Index: Send + Sync {
         let dim = self.dim().max(1);
         queries.par_chunks(dim).map(|q| self.search(q, k)).collect()
     }
+
+    /// Writes what changed to where the index persists, if it does ([`crate::HnswIndex`]
+    /// beside a SQLite gallery); nothing for an index that lives in memory only.
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The kinds of index a gallery can search with.
@@ -68,14 +75,63 @@ pub enum IndexKind {
     /// [`ExactIndex`]: every face scored, the true top-k.
     #[default]
     Exact,
+    /// [`crate::HnswIndex`]: approximate, a graph searched in time about logarithmic in
+    /// the gallery's size; saved beside a SQLite gallery. [`IndexKind::hnsw`] gives the
+    /// defaults.
+    Hnsw {
+        /// Links per node (`M`): more recalls more, at more memory and a slower build.
+        m: usize,
+        /// Candidates explored when adding a face: more builds a better graph, slower.
+        ef_construction: usize,
+        /// Candidates explored per search (raised to `k`): more recalls more, slower. It
+        /// can change without rebuilding the graph.
+        ef_search: usize,
+    },
 }
 
 impl IndexKind {
-    /// An empty index of this kind for vectors of `dim` values.
-    pub fn build(self, dim: usize) -> Box<dyn Index> {
-        match self {
-            Self::Exact => Box::new(ExactIndex::new(dim)),
+    /// [`IndexKind::Hnsw`] with `m` 16, `ef_construction` 200, `ef_search` 128: recall@10
+    /// above 0.99 on clustered face-like data (see `examples/hnsw_bench.rs`).
+    pub const fn hnsw() -> Self {
+        Self::Hnsw {
+            m: 16,
+            ef_construction: 200,
+            ef_search: 128,
         }
+    }
+
+    /// Parses `exact` or `hnsw` (the latter with the defaults of [`IndexKind::hnsw`]).
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "exact" => Ok(Self::Exact),
+            "hnsw" => Ok(Self::hnsw()),
+            other => Err(Error::Invalid(format!(
+                "index `{}`: expected `exact` or `hnsw`",
+                other.escape_debug()
+            ))),
+        }
+    }
+
+    /// Its short name (`exact`, `hnsw`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Exact => "exact",
+            Self::Hnsw { .. } => "hnsw",
+        }
+    }
+
+    /// An empty index of this kind for vectors of `dim` values, in memory only (a gallery
+    /// loads or saves a SQLite gallery's HNSW index itself); an error for options out of
+    /// range.
+    pub fn build(self, dim: usize) -> Result<Box<dyn Index>> {
+        Ok(match self {
+            Self::Exact => Box::new(ExactIndex::new(dim)),
+            Self::Hnsw {
+                m,
+                ef_construction,
+                ef_search,
+            } => Box::new(crate::HnswIndex::new(dim, m, ef_construction, ef_search)?),
+        })
     }
 }
 

@@ -1,10 +1,11 @@
 //! Where a gallery keeps its faces: the [`Store`] trait, and [`Location`], which picks the
-//! backend from what the user wrote (`faces.db`, `sqlite:faces.db`, `postgres://...`).
+//! backend from what the user wrote (`faces.db`, `sqlite:faces.db`, `postgres://...`), and
+//! [`ServerSearch`], how a store that searches on its server does it.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::{Error, Fingerprint, Result};
+use crate::{Error, Fingerprint, Hit, IndexKind, Result};
 
 /// The newest store format this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -55,14 +56,46 @@ pub struct Face {
     pub time: i64,
 }
 
+/// How a store that searches on its server ([`Store::search`]) does it; stores searched
+/// in memory ignore it. A gallery derives it from its [`IndexKind`]
+/// ([`crate::Gallery::set_index_kind`]), or takes it as it is
+/// ([`crate::Gallery::set_server_search`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerSearch {
+    /// The server's approximate index (pgvector's HNSW), exploring at least `ef_search`
+    /// candidates (raised to `k`; pgvector caps it at 1000, and deeper searches are exact).
+    Hnsw {
+        /// The search beam: higher is slower and recalls more.
+        ef_search: u32,
+    },
+    /// Every face scored (a sequential scan): the true top-k.
+    Exact,
+}
+
+/// [`IndexKind::Exact`] is an exact scan on the server; [`IndexKind::Hnsw`] the server's
+/// HNSW index with the same `ef_search` (the server's graph has its own `m` and
+/// `ef_construction`, set when the gallery was created).
+impl From<IndexKind> for ServerSearch {
+    fn from(kind: IndexKind) -> Self {
+        match kind {
+            IndexKind::Exact => Self::Exact,
+            IndexKind::Hnsw { ef_search, .. } => Self::Hnsw {
+                ef_search: u32::try_from(ef_search).unwrap_or(u32::MAX),
+            },
+        }
+    }
+}
+
 /// Persistence for a gallery: faces with their unit-length embeddings and the gallery's
 /// [`Meta`].
 ///
-/// Implemented by [`crate::SqliteStore`] (one file, the embedded default). A server
-/// backend (PostgreSQL with pgvector) implements the same trait and gets a
-/// [`Location`] variant; the gallery and its indexes need nothing else.
+/// Implemented by [`crate::SqliteStore`] (one file, the embedded default) and, with the
+/// `postgres` feature, `PgStore` (PostgreSQL with pgvector, for a gallery many machines
+/// share). A store that can search on its own (a database server with a vector index)
+/// answers [`Store::search`]; the gallery then asks it rather than loading every
+/// embedding into an in-memory [`crate::Index`].
 pub trait Store: Send {
-    /// The backend's name (`sqlite`).
+    /// The backend's name (`sqlite`, `postgres`).
     fn backend(&self) -> &'static str;
 
     /// Where it is, for messages: a file's path, a URL without its password.
@@ -98,6 +131,16 @@ pub trait Store: Send {
     /// Calls `visit` with every face and its embedding, by id, from one consistent
     /// snapshot. Each embedding is checked: [`Meta::dim`] values, all finite.
     fn scan(&self, visit: &mut dyn FnMut(Face, &[f32]) -> Result<()>) -> Result<()>;
+
+    /// The `k` faces with the highest cosine with the unit-length `query`, best first
+    /// (ties: lower id first), searched by the store itself as `how` says; `None` when the
+    /// store does not search (the default), and the gallery searches its in-memory index.
+    /// A store that searches answers `k = 0` with `Some` of nothing, without asking its
+    /// server: that is how the gallery tells the two kinds apart.
+    fn search(&self, query: &[f32], k: usize, how: ServerSearch) -> Result<Option<Vec<Hit>>> {
+        let _ = (query, k, how);
+        Ok(None)
+    }
 }
 
 /// Where a gallery lives, parsed from what a user wrote.
@@ -105,8 +148,9 @@ pub trait Store: Send {
 pub enum Location {
     /// A SQLite file: a plain path, or `sqlite:PATH` / `sqlite://PATH`.
     Sqlite(PathBuf),
-    /// A PostgreSQL database with pgvector: `postgres://...` or `postgresql://...`. Not
-    /// built yet: opening one is [`Error::BackendNotBuilt`].
+    /// A PostgreSQL database with pgvector: `postgres://...` or `postgresql://...`, opened
+    /// by `PgStore`; in a build without the `postgres` feature, opening one is
+    /// [`Error::BackendNotBuilt`].
     Postgres(String),
 }
 
@@ -134,6 +178,7 @@ impl Location {
     }
 
     /// The error for a backend this build does not have.
+    #[cfg_attr(feature = "postgres", allow(dead_code))]
     pub(crate) fn not_built(&self) -> Error {
         Error::BackendNotBuilt {
             location: redact(&self.to_string()),
@@ -188,18 +233,35 @@ impl From<&PathBuf> for Location {
     }
 }
 
-/// A URL with its password replaced by `***`.
-fn redact(url: &str) -> String {
+/// A URL with its password replaced by `***`: the one after the user name, and a
+/// `password=` query parameter.
+pub(crate) fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    match rest.split_once('@') {
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
+    let mut out = match rest.rsplit_once('@') {
         Some((user, host)) if user.contains(':') => {
             let name = user.split(':').next().unwrap_or_default();
             format!("{scheme}://{name}:***@{host}")
         }
-        _ => url.to_string(),
+        _ => format!("{scheme}://{rest}"),
+    };
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
     }
+    out
 }
 
 /// Checks one enrollment against the gallery's dimension and limits; `i` is its position
@@ -286,5 +348,10 @@ mod tests {
         assert_eq!(pg.backend(), "postgres");
         assert_eq!(pg.to_string(), "postgres://me:***@host/db");
         assert!(!pg.not_built().to_string().contains("secret"));
+        assert_eq!(
+            redact("postgresql://me:p@ss@host:5433/db?password=x&sslmode=disable"),
+            "postgresql://me:***@host:5433/db?password=***&sslmode=disable"
+        );
+        assert_eq!(redact("postgres://host/db"), "postgres://host/db");
     }
 }

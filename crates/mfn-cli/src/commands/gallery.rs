@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use mfn_detect::Pipeline;
-use mfn_gallery::{Enrollment, Fingerprint, Gallery, Hit, Identity};
+use mfn_gallery::{Enrollment, Fingerprint, Gallery, Hit, Identity, IndexKind};
 use serde_json::{json, Value};
 
 use super::{
@@ -60,6 +60,27 @@ struct DbArgs {
     json: Option<PathBuf>,
 }
 
+/// How `search`, `identify` and `eval` search the gallery.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum IndexArg {
+    /// Every face scored: the true top-k.
+    #[default]
+    Exact,
+    /// An HNSW graph (M 16, ef_construction 200, ef_search 128): approximate, much faster
+    /// on large galleries; kept in `<db>.hnsw` beside a SQLite gallery, built on first use
+    /// and brought up to date with later enrollments.
+    Hnsw,
+}
+
+impl IndexArg {
+    fn kind(self) -> IndexKind {
+        match self {
+            Self::Exact => IndexKind::Exact,
+            Self::Hnsw => IndexKind::hnsw(),
+        }
+    }
+}
+
 /// The model and how faces are found in photos.
 #[derive(clap::Args, Debug)]
 struct ModelArgs {
@@ -107,6 +128,9 @@ struct SearchArgs {
     /// How many faces to list per photo (1..=1000).
     #[arg(long, default_value_t = 5, allow_negative_numbers = true, value_parser = args::count(1, 1000))]
     k: usize,
+    /// The search index.
+    #[arg(long, value_enum, default_value_t)]
+    index: IndexArg,
     /// Photos to search for (aligned crops with --aligned).
     #[arg(required = true)]
     photos: Vec<PathBuf>,
@@ -122,6 +146,9 @@ struct IdentifyArgs {
     /// its `mfn.threshold` metadata, else the registry's for its weights].
     #[arg(long, allow_negative_numbers = true, value_parser = args::cosine)]
     threshold: Option<f64>,
+    /// The search index.
+    #[arg(long, value_enum, default_value_t)]
+    index: IndexArg,
     /// Photos to identify (aligned crops with --aligned).
     #[arg(required = true)]
     photos: Vec<PathBuf>,
@@ -154,6 +181,9 @@ struct EvalArgs {
     /// Deepest rank of the CMC curve (1..=1000).
     #[arg(long, default_value_t = 10, allow_negative_numbers = true, value_parser = args::count(1, 1000))]
     k: usize,
+    /// The index the gallery is searched with (built in memory here).
+    #[arg(long, value_enum, default_value_t)]
+    index: IndexArg,
     /// Embed each face alone, without adding its mirror image.
     #[arg(long)]
     no_flip: bool,
@@ -374,7 +404,8 @@ fn hit_json(h: &Hit) -> Value {
 }
 
 fn search(a: SearchArgs) -> Result<()> {
-    let l = load(&a.db, &a.model, false, None)?;
+    let mut l = load(&a.db, &a.model, false, None)?;
+    l.gallery.set_index_kind(a.index.kind());
     let embeddings = l.embed_all(&a.photos, "searching")?;
     let mut results = Vec::new();
     println!(
@@ -418,7 +449,8 @@ fn search(a: SearchArgs) -> Result<()> {
 }
 
 fn identify(a: IdentifyArgs) -> Result<()> {
-    let l = load(&a.db, &a.model, false, a.threshold)?;
+    let mut l = load(&a.db, &a.model, false, a.threshold)?;
+    l.gallery.set_index_kind(a.index.kind());
     let threshold = l.pipeline.threshold().with_context(|| {
         format!(
             "{} has no verification threshold: neither its metadata nor the registry (by the \
@@ -564,12 +596,15 @@ fn eval(a: EvalArgs) -> Result<()> {
     bar.finish_and_clear();
     let embed_seconds = start.elapsed().as_secs_f64();
     let search_start = Instant::now();
-    let report = split
-        .evaluate(&embeddings, a.k, &FARS)
-        .with_context(|| format!("evaluating {}", root.display()))?;
+    let report = match a.index {
+        IndexArg::Exact => split.evaluate(&embeddings, a.k, &FARS),
+        IndexArg::Hnsw => evaluate_with(&split, &embeddings, a.k, a.index.kind()),
+    }
+    .with_context(|| format!("evaluating {}", root.display()))?;
     let search_seconds = search_start.elapsed().as_secs_f64();
     let model_name = ckpt.source.display().to_string();
     println!("model      {model_name}");
+    println!("index      {}", a.index.kind().name());
     println!(
         "images     {} under {}, flip test {}",
         images.len(),
@@ -612,6 +647,7 @@ fn eval(a: EvalArgs) -> Result<()> {
             "root": root.display().to_string(),
             "flip": flip,
             "gallery": split.gallery.len(),
+            "index": a.index.kind().name(),
             "report": report,
             "embed_seconds": embed_seconds,
             "search_seconds": search_seconds,
@@ -630,4 +666,44 @@ fn eval(a: EvalArgs) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// [`mfn_gallery::OpenSetSplit::evaluate`] searching through an index of `kind`:
+/// embeddings in the order of `split.images()`, the enrolled ones first.
+fn evaluate_with(
+    split: &mfn_gallery::OpenSetSplit,
+    embeddings: &[Vec<f32>],
+    max_rank: usize,
+    kind: IndexKind,
+) -> mfn_gallery::Result<mfn_eval::open_set::OpenSetReport> {
+    use mfn_eval::open_set::Probe;
+    let enrolled = split.gallery.len();
+    let dim = embeddings.first().map_or(0, Vec::len);
+    let unit = |e: &Vec<f32>| -> Vec<f32> {
+        let norm = e
+            .iter()
+            .map(|v| (*v as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-12);
+        e.iter().map(|v| (*v as f64 / norm) as f32).collect()
+    };
+    let mut index = kind.build(dim)?;
+    let ids: Vec<i64> = (0..enrolled as i64).collect();
+    let rows: Vec<f32> = embeddings[..enrolled].iter().flat_map(unit).collect();
+    index.add(&ids, &rows)?;
+    let probes: Vec<f32> = embeddings[enrolled..].iter().flat_map(unit).collect();
+    let ranked = index.search_many(&probes, max_rank);
+    let candidates = |hits: &Vec<mfn_gallery::Scored>| -> Vec<(u32, f32)> {
+        hits.iter().map(|s| (s.id as u32, s.score)).collect()
+    };
+    let probes: Vec<Probe> = ranked
+        .iter()
+        .enumerate()
+        .map(|(i, hits)| match split.known.get(i) {
+            Some((truth, _)) => Probe::known(*truth, candidates(hits)),
+            None => Probe::unknown(candidates(hits)),
+        })
+        .collect();
+    Ok(mfn_eval::open_set::evaluate(&probes, &FARS, max_rank)?)
 }
