@@ -18,6 +18,8 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 mod fp32;
+#[allow(dead_code)]
+mod int8;
 mod layers;
 
 pub(crate) use layers::{Block, GroupedConv, Pointwise, Pool, Spatial, WindowConv};

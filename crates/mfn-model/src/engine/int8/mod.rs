@@ -1,0 +1,4 @@
+//! The engine's int8 kernels: pointwise products of u8 activations (per-tensor scale and
+//! zero point) by i8 weights (symmetric, one scale per output channel), accumulated in
+//! i32 and dequantised in the epilogue. AVX-512 VNNI or AVX2 is chosen at run time, with
+//! a portable fallback; every path gives the same integers.
