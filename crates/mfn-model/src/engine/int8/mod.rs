@@ -2,3 +2,14 @@
 //! zero point) by i8 weights (symmetric, one scale per output channel), accumulated in
 //! i32 and dequantised in the epilogue. AVX-512 VNNI or AVX2 is chosen at run time, with
 //! a portable fallback; every path gives the same integers.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod gemm;
+mod quantize;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
+
+#[allow(unused_imports)] // `kernel_name` is for benchmarks and diagnostics.
+pub(crate) use gemm::{kernel_name, matmul, Isa, QEpilogue, QWeights};
+pub(crate) use quantize::quantize_rows;

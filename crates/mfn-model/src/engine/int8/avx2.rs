@@ -1,0 +1,188 @@
+//! The AVX2 kernel: activations zero-extended and weights sign-extended to i16, then
+//! `vpmaddwd` multiplies 2 consecutive `k` of 8 columns and adds each pair into i32.
+//! A pair sums to at most `2 * 255 * 127`, which i32 holds exactly; `vpmaddubsw` would
+//! save the widening but saturates that pair sum at `i16::MAX`.
+//!
+//! The weights are widened once, when packed; the activations of each block of rows are
+//! widened into a scratch buffer before its products, so the inner loop is one broadcast
+//! per row and one multiply-add and one add per accumulator.
+
+use std::arch::x86_64::*;
+
+use super::gemm::{panels, QEpilogue};
+
+/// Output columns per packed panel: two 8-lane accumulators per row.
+pub(super) const PANEL: usize = 16;
+
+/// Rows per microkernel call: `MR x V` accumulators, the weights, a broadcast and a
+/// product fill the 16 registers.
+pub(super) const MR: usize = 6;
+
+/// One `R x (V * 8)` tile: `R` rows of widened activations `a` (row stride `ks`, `ks / 2`
+/// pairs) times a panel `b` (`ks / 2` pairs of `stride x 2` i16), the epilogue, and the
+/// store of the first `cols` columns into `out` (row stride `n`, already offset to the
+/// panel's first column `col0`; `residual` likewise).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `a` holds `R` rows of `ks`, `b` holds the panel, 32-byte
+/// aligned, with `stride >= V * 8`; `out` and `residual` hold `R` rows of `n` from which
+/// `cols <= V * 8` columns are in bounds, and `ep`'s per-column vectors `col0 + cols`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile<const R: usize, const V: usize>(
+    a: *const i16,
+    ks: usize,
+    b: *const i16,
+    stride: usize,
+    out: *mut f32,
+    n: usize,
+    cols: usize,
+    ep: &QEpilogue,
+    col0: usize,
+    residual: Option<*const f32>,
+) {
+    // SAFETY (whole body): every pointer offset stays within the extents the caller
+    // guarantees; the ragged last vector goes through a buffer.
+    unsafe {
+        let mut acc = [[_mm256_setzero_si256(); V]; R];
+        for p in 0..ks / 2 {
+            let bp = b.add(p * stride * 2);
+            let mut bv = [_mm256_setzero_si256(); V];
+            for (v, w) in bv.iter_mut().enumerate() {
+                *w = _mm256_load_si256(bp.add(v * 16).cast());
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x = _mm256_set1_epi32(a.add(r * ks + p * 2).cast::<i32>().read_unaligned());
+                for (c, w) in row.iter_mut().zip(&bv) {
+                    *c = _mm256_add_epi32(*c, _mm256_madd_epi16(x, *w));
+                }
+            }
+        }
+        let zero = _mm256_setzero_ps();
+        for v in 0..V {
+            let c = v * 8;
+            if c >= cols {
+                break;
+            }
+            if cols - c < 8 {
+                let mut lanes = [0i32; 8];
+                for (r, row) in acc.iter().enumerate() {
+                    _mm256_storeu_si256(lanes.as_mut_ptr().cast(), row[v]);
+                    for (j, &s) in lanes.iter().enumerate().take(cols - c) {
+                        let col = col0 + c + j;
+                        let mut y = s as f32 * ep.scale[col] + ep.offset[col];
+                        if let Some(sl) = ep.slope {
+                            y = y.max(0.0) + sl[col] * y.min(0.0);
+                        }
+                        if let Some(cap) = ep.cap {
+                            y = y.min(cap);
+                        }
+                        if let Some(res) = residual {
+                            y += *res.add(r * n + c + j);
+                        }
+                        *out.add(r * n + c + j) = y;
+                    }
+                }
+                continue;
+            }
+            let scale = _mm256_loadu_ps(ep.scale.as_ptr().add(col0 + c));
+            let offset = _mm256_loadu_ps(ep.offset.as_ptr().add(col0 + c));
+            let slope = ep.slope.map(|s| _mm256_loadu_ps(s.as_ptr().add(col0 + c)));
+            for (r, row) in acc.iter().enumerate() {
+                let mut y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(row[v]), scale, offset);
+                if let Some(s) = slope {
+                    y = _mm256_fmadd_ps(s, _mm256_min_ps(y, zero), _mm256_max_ps(y, zero));
+                }
+                if let Some(cap) = ep.cap {
+                    y = _mm256_min_ps(y, _mm256_set1_ps(cap));
+                }
+                if let Some(res) = residual {
+                    y = _mm256_add_ps(y, _mm256_loadu_ps(res.add(r * n + c)));
+                }
+                _mm256_storeu_ps(out.add(r * n + c), y);
+            }
+        }
+    }
+}
+
+/// Zero-extends `src` into `dst` (same length).
+///
+/// # Safety
+/// The CPU has AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn widen(dst: &mut [i16], src: &[u8]) {
+    debug_assert_eq!(dst.len(), src.len());
+    let mut d = dst.chunks_exact_mut(16);
+    let mut s = src.chunks_exact(16);
+    for (d, s) in (&mut d).zip(&mut s) {
+        // SAFETY: both chunks hold 16 elements.
+        unsafe {
+            let v = _mm256_cvtepu8_epi16(_mm_loadu_si128(s.as_ptr().cast()));
+            _mm256_storeu_si256(d.as_mut_ptr().cast(), v);
+        }
+    }
+    for (d, &s) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *d = i16::from(s);
+    }
+}
+
+/// [`super::matmul`] on AVX2-packed weights.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `out` holds `rows x n`, `a` `rows x ks` with `ks` even, `w`
+/// the packed panels of a `ks x n` matrix starting 32-byte aligned, `ep`'s vectors `n`
+/// values and its residual `rows x n`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn matmul(
+    out: &mut [f32],
+    a: &[u8],
+    rows: usize,
+    ks: usize,
+    n: usize,
+    w: &[i16],
+    ep: QEpilogue,
+) {
+    debug_assert!(ks % 2 == 0 && a.len() >= rows * ks && out.len() >= rows * n);
+    let mut wide = vec![0i16; MR * ks];
+    let mut r0 = 0;
+    while r0 < rows {
+        let r = MR.min(rows - r0);
+        // SAFETY: the CPU has AVX2.
+        unsafe { widen(&mut wide[..r * ks], &a[r0 * ks..(r0 + r) * ks]) };
+        let ap = wide.as_ptr();
+        let o = out[r0 * n..].as_mut_ptr();
+        let res = ep.residual.map(|res| res[r0 * n..].as_ptr());
+        let mut at = 0;
+        for (c0, cols) in panels(n, PANEL) {
+            let stride = cols.next_multiple_of(8);
+            debug_assert!(w.len() >= at + ks * stride);
+            let b = w[at..].as_ptr();
+            let (o, res) = (o.wrapping_add(c0), res.map(|p| p.wrapping_add(c0)));
+            macro_rules! run {
+                ($($r:literal)*; $($v:literal)*) => {
+                    run!(@rows [$($r)*] [$($v)*])
+                };
+                (@rows [$($r:literal)*] $vs:tt) => {
+                    match r {
+                        $($r => run!(@cols $r $vs),)*
+                        _ => unreachable!(),
+                    }
+                };
+                (@cols $r:literal [$($v:literal)*]) => {
+                    match stride / 8 {
+                        // SAFETY: the extents are as `tile` requires: `r` widened rows,
+                        // this panel's `ks x stride` weights and `cols` columns from `c0`.
+                        $($v => unsafe {
+                            tile::<$r, $v>(ap, ks, b, stride, o, n, cols, &ep, c0, res)
+                        },)*
+                        _ => unreachable!(),
+                    }
+                };
+            }
+            run!(1 2 3 4 5 6; 1 2);
+            at += ks * stride;
+        }
+        r0 += r;
+    }
+}

@@ -1,0 +1,149 @@
+//! The AVX-512 VNNI kernel: `vpdpbusd` multiplies 4 u8 activations (one broadcast
+//! dword) by 4 i8 weights of each of 16 columns and adds the 4 products to that column's
+//! i32, 64 multiply-adds per instruction with no intermediate that can saturate.
+
+use std::arch::x86_64::*;
+
+use super::gemm::{panels, QEpilogue};
+
+/// Output columns per packed panel: four 16-lane accumulators per row.
+pub(super) const PANEL: usize = 64;
+
+/// Rows per microkernel call: `MR x 4` accumulators plus four weight registers and a
+/// broadcast fill 29 of the 32 registers.
+pub(super) const MR: usize = 6;
+
+/// Lane mask of the first `cols` of 16 lanes.
+#[inline(always)]
+fn lanes(cols: usize) -> __mmask16 {
+    if cols >= 16 {
+        0xffff
+    } else {
+        (1u16 << cols) - 1
+    }
+}
+
+/// One `R x (V * 16)` tile: `R` rows of `a` (row stride `ks`, `ks / 4` groups of 4)
+/// times a panel `b` (`ks / 4` groups of `stride x 4` bytes), the epilogue, and the store
+/// of the first `cols` columns into `out` (row stride `n`, already offset to the panel's
+/// first column `col0`; `residual` likewise).
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VNNI; `a` holds `R` rows of `ks`, `b` holds the panel, 64-byte
+/// aligned, with `stride >= V * 16`; `out` and `residual` hold `R` rows of `n` from which
+/// `cols <= V * 16` columns are in bounds, and `ep`'s per-column vectors `col0 + cols`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn tile<const R: usize, const V: usize>(
+    a: *const u8,
+    ks: usize,
+    b: *const i8,
+    stride: usize,
+    out: *mut f32,
+    n: usize,
+    cols: usize,
+    ep: &QEpilogue,
+    col0: usize,
+    residual: Option<*const f32>,
+) {
+    // SAFETY (whole body): every pointer offset stays within the extents the caller
+    // guarantees; loads and stores past `cols` are masked off.
+    unsafe {
+        let mut acc = [[_mm512_setzero_si512(); V]; R];
+        for g in 0..ks / 4 {
+            let bp = b.add(g * stride * 4);
+            let mut bv = [_mm512_setzero_si512(); V];
+            for (v, w) in bv.iter_mut().enumerate() {
+                *w = _mm512_load_si512(bp.add(v * 64).cast());
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_epi32(a.add(r * ks + g * 4).cast::<i32>().read_unaligned());
+                for (c, w) in row.iter_mut().zip(&bv) {
+                    *c = _mm512_dpbusd_epi32(*c, x, *w);
+                }
+            }
+        }
+        let zero = _mm512_setzero_ps();
+        for v in 0..V {
+            let c = v * 16;
+            let m = lanes(cols - c);
+            let scale = _mm512_maskz_loadu_ps(m, ep.scale.as_ptr().add(col0 + c));
+            let offset = _mm512_maskz_loadu_ps(m, ep.offset.as_ptr().add(col0 + c));
+            let slope = ep
+                .slope
+                .map(|s| _mm512_maskz_loadu_ps(m, s.as_ptr().add(col0 + c)));
+            for (r, row) in acc.iter().enumerate() {
+                let mut y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(row[v]), scale, offset);
+                if let Some(s) = slope {
+                    y = _mm512_fmadd_ps(s, _mm512_min_ps(y, zero), _mm512_max_ps(y, zero));
+                }
+                if let Some(cap) = ep.cap {
+                    y = _mm512_min_ps(y, _mm512_set1_ps(cap));
+                }
+                if let Some(res) = residual {
+                    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, res.add(r * n + c)));
+                }
+                _mm512_mask_storeu_ps(out.add(r * n + c), m, y);
+            }
+        }
+    }
+}
+
+/// [`super::matmul`] on VNNI-packed weights.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VNNI; `out` holds `rows x n`, `a` `rows x ks` with `ks` a
+/// multiple of 4, `w` the packed panels of a `ks x n` matrix starting 64-byte aligned,
+/// `ep`'s vectors `n` values and its residual `rows x n`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn matmul(
+    out: &mut [f32],
+    a: &[u8],
+    rows: usize,
+    ks: usize,
+    n: usize,
+    w: &[i8],
+    ep: QEpilogue,
+) {
+    debug_assert!(ks % 4 == 0 && a.len() >= rows * ks && out.len() >= rows * n);
+    let mut r0 = 0;
+    while r0 < rows {
+        let r = MR.min(rows - r0);
+        let ap = a[r0 * ks..].as_ptr();
+        let o = out[r0 * n..].as_mut_ptr();
+        let res = ep.residual.map(|res| res[r0 * n..].as_ptr());
+        let mut at = 0;
+        for (c0, cols) in panels(n, PANEL) {
+            let stride = cols.next_multiple_of(16);
+            debug_assert!(w.len() >= at + ks * stride);
+            let b = w[at..].as_ptr();
+            let (o, res) = (o.wrapping_add(c0), res.map(|p| p.wrapping_add(c0)));
+            macro_rules! run {
+                ($($r:literal)*; $($v:literal)*) => {
+                    run!(@rows [$($r)*] [$($v)*])
+                };
+                (@rows [$($r:literal)*] $vs:tt) => {
+                    match r {
+                        $($r => run!(@cols $r $vs),)*
+                        _ => unreachable!(),
+                    }
+                };
+                (@cols $r:literal [$($v:literal)*]) => {
+                    match stride / 16 {
+                        // SAFETY: the extents are as `tile` requires: `r` rows from
+                        // `r0`, this panel's `ks x stride` weights and `cols` columns
+                        // from `c0`.
+                        $($v => unsafe {
+                            tile::<$r, $v>(ap, ks, b, stride, o, n, cols, &ep, c0, res)
+                        },)*
+                        _ => unreachable!(),
+                    }
+                };
+            }
+            run!(1 2 3 4 5 6; 1 2 3 4);
+            at += ks * stride;
+        }
+        r0 += r;
+    }
+}
