@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use mfn_detect::Pipeline;
-use mfn_gallery::{Enrollment, Fingerprint, Gallery, Hit, Identity, IndexKind};
+use mfn_gallery::{Enrollment, Fingerprint, Gallery, Hit, Identity, IndexKind, Location};
 use serde_json::{json, Value};
 
 use super::{
@@ -51,8 +51,9 @@ enum Command {
 /// `--db` and `--json`, shared by every command but `eval`.
 #[derive(clap::Args, Debug)]
 struct DbArgs {
-    /// The gallery: a SQLite file (created by `enroll`). `postgres://...` is reserved for
-    /// a PostgreSQL + pgvector backend, not built yet.
+    /// The gallery: a SQLite file (`faces.db` or `sqlite:faces.db`), or a PostgreSQL
+    /// database with pgvector (`postgres://user:password@host:port/db`); `enroll`
+    /// creates it when it is not there.
     #[arg(long)]
     db: String,
     /// Also write the table as JSON.
@@ -66,7 +67,7 @@ enum IndexArg {
     /// Every face scored: the true top-k.
     #[default]
     Exact,
-    /// An HNSW graph (M 16, ef_construction 200, ef_search 128): approximate, much faster
+    /// An HNSW graph (M 16, ef_construction 200, ef_search 256): approximate, much faster
     /// on large galleries; kept in `<db>.hnsw` beside a SQLite gallery, built on first use
     /// and brought up to date with later enrollments.
     Hnsw,
@@ -232,12 +233,13 @@ fn load(db: &DbArgs, m: &ModelArgs, create: bool, threshold: Option<f64>) -> Res
         .with_context(|| format!("fingerprinting {}", ckpt.source.display()))?;
     let dim = ckpt.config.embedding_size;
     // Another model's gallery is refused before any work.
-    let exists = match mfn_gallery::Location::parse(&db.db) {
-        mfn_gallery::Location::Sqlite(path) => path.exists(),
-        _ => true,
-    };
-    let gallery = if exists || !create {
-        Some(Gallery::open_for(db.db.as_str(), &fingerprint, dim).context("opening the gallery")?)
+    let location = Location::parse(&db.db);
+    let exists = !create || Gallery::exists(&location).context("opening the gallery")?;
+    let gallery = if exists {
+        Some(
+            Gallery::open_for(location.clone(), &fingerprint, dim)
+                .context("opening the gallery")?,
+        )
     } else {
         None
     };
@@ -252,9 +254,7 @@ fn load(db: &DbArgs, m: &ModelArgs, create: bool, threshold: Option<f64>) -> Res
     // A new gallery only once the pipeline has loaded: a failed load leaves no file.
     let gallery = match gallery {
         Some(g) => g,
-        None => {
-            Gallery::create(db.db.as_str(), &fingerprint, dim).context("creating the gallery")?
-        }
+        None => Gallery::create(location, &fingerprint, dim).context("creating the gallery")?,
     };
     Ok(Loaded {
         pipeline,
