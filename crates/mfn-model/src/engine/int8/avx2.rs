@@ -18,6 +18,42 @@ pub(super) const PANEL: usize = 16;
 /// product fill the 16 registers.
 pub(super) const MR: usize = 6;
 
+/// The accumulators of one `R x (V * 8)` tile, for [`tile`].
+///
+/// Not inlined: with 16 registers, the epilogue's operands would push the allocator to
+/// spill accumulators, and it places those spills inside the loop, one store per
+/// multiply-add. Returning through memory stores each accumulator once.
+///
+/// # Safety
+/// As for [`tile`].
+#[target_feature(enable = "avx2")]
+#[inline(never)]
+unsafe fn dot<const R: usize, const V: usize>(
+    a: *const i16,
+    ks: usize,
+    b: *const i16,
+    stride: usize,
+) -> [[__m256i; V]; R] {
+    // SAFETY: the caller guarantees the extents.
+    unsafe {
+        let mut acc = [[_mm256_setzero_si256(); V]; R];
+        for p in 0..ks / 2 {
+            let bp = b.add(p * stride * 2);
+            let mut bv = [_mm256_setzero_si256(); V];
+            for (v, w) in bv.iter_mut().enumerate() {
+                *w = _mm256_load_si256(bp.add(v * 16).cast());
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x = _mm256_set1_epi32(a.add(r * ks + p * 2).cast::<i32>().read_unaligned());
+                for (c, w) in row.iter_mut().zip(&bv) {
+                    *c = _mm256_add_epi32(*c, _mm256_madd_epi16(x, *w));
+                }
+            }
+        }
+        acc
+    }
+}
+
 /// One `R x (V * 8)` tile: `R` rows of widened activations `a` (row stride `ks`, `ks / 2`
 /// pairs) times a panel `b` (`ks / 2` pairs of `stride x 2` i16), the epilogue, and the
 /// store of the first `cols` columns into `out` (row stride `n`, already offset to the
@@ -45,46 +81,13 @@ unsafe fn tile<const R: usize, const V: usize>(
     // SAFETY (whole body): every pointer offset stays within the extents the caller
     // guarantees; the ragged last vector goes through a buffer.
     unsafe {
-        let mut acc = [[_mm256_setzero_si256(); V]; R];
-        for p in 0..ks / 2 {
-            let bp = b.add(p * stride * 2);
-            let mut bv = [_mm256_setzero_si256(); V];
-            for (v, w) in bv.iter_mut().enumerate() {
-                *w = _mm256_load_si256(bp.add(v * 16).cast());
-            }
-            for (r, row) in acc.iter_mut().enumerate() {
-                let x = _mm256_set1_epi32(a.add(r * ks + p * 2).cast::<i32>().read_unaligned());
-                for (c, w) in row.iter_mut().zip(&bv) {
-                    *c = _mm256_add_epi32(*c, _mm256_madd_epi16(x, *w));
-                }
-            }
-        }
+        let acc = dot::<R, V>(a, ks, b, stride);
         let zero = _mm256_setzero_ps();
+        // Whole vectors first; the columns are a multiple of 8 but in the last panel.
         for v in 0..V {
             let c = v * 8;
-            if c >= cols {
+            if cols < c + 8 {
                 break;
-            }
-            if cols - c < 8 {
-                let mut lanes = [0i32; 8];
-                for (r, row) in acc.iter().enumerate() {
-                    _mm256_storeu_si256(lanes.as_mut_ptr().cast(), row[v]);
-                    for (j, &s) in lanes.iter().enumerate().take(cols - c) {
-                        let col = col0 + c + j;
-                        let mut y = s as f32 * ep.scale[col] + ep.offset[col];
-                        if let Some(sl) = ep.slope {
-                            y = y.max(0.0) + sl[col] * y.min(0.0);
-                        }
-                        if let Some(cap) = ep.cap {
-                            y = y.min(cap);
-                        }
-                        if let Some(res) = residual {
-                            y += *res.add(r * n + c + j);
-                        }
-                        *out.add(r * n + c + j) = y;
-                    }
-                }
-                continue;
             }
             let scale = _mm256_loadu_ps(ep.scale.as_ptr().add(col0 + c));
             let offset = _mm256_loadu_ps(ep.offset.as_ptr().add(col0 + c));
@@ -101,6 +104,32 @@ unsafe fn tile<const R: usize, const V: usize>(
                     y = _mm256_add_ps(y, _mm256_loadu_ps(res.add(r * n + c)));
                 }
                 _mm256_storeu_ps(out.add(r * n + c), y);
+            }
+        }
+        // A ragged last vector (always the tile's last, as `stride` is `cols` rounded up
+        // to 8) goes through a buffer. Indexing `acc` only by constants keeps it in
+        // registers through the loop above.
+        if cols % 8 != 0 {
+            let c = (V - 1) * 8;
+            let mut lanes = [[0i32; 8]; R];
+            for (l, row) in lanes.iter_mut().zip(&acc) {
+                _mm256_storeu_si256(l.as_mut_ptr().cast(), row[V - 1]);
+            }
+            for (r, l) in lanes.iter().enumerate() {
+                for (j, &s) in l.iter().enumerate().take(cols - c) {
+                    let col = col0 + c + j;
+                    let mut y = s as f32 * ep.scale[col] + ep.offset[col];
+                    if let Some(sl) = ep.slope {
+                        y = y.max(0.0) + sl[col] * y.min(0.0);
+                    }
+                    if let Some(cap) = ep.cap {
+                        y = y.min(cap);
+                    }
+                    if let Some(res) = residual {
+                        y += *res.add(r * n + c + j);
+                    }
+                    *out.add(r * n + c + j) = y;
+                }
             }
         }
     }

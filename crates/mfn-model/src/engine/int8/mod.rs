@@ -6,10 +6,15 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod gemm;
+// The per-tensor quantiser; the engine may quantise per input channel instead.
+#[allow(dead_code)]
 mod quantize;
 #[cfg(target_arch = "x86_64")]
 mod vnni;
 
-#[allow(unused_imports)] // `kernel_name` is for benchmarks and diagnostics.
+// `kernel_name` is for benchmarks and diagnostics, and `quantize_rows` for callers with
+// one scale and zero point per tensor.
+#[allow(unused_imports)]
 pub(crate) use gemm::{kernel_name, matmul, Isa, QEpilogue, QWeights};
+#[allow(unused_imports)]
 pub(crate) use quantize::quantize_rows;
