@@ -21,8 +21,10 @@ pub(crate) struct WindowConv {
     pub depthwise: bool,
 }
 
-/// A grouped conv that is neither dense nor depthwise (e.g. 2 channels per group), run as
-/// one depthwise pass per input channel of a group over a gathered copy of the input.
+/// A grouped conv that is neither dense nor depthwise (e.g. 2 channels per group). Its
+/// weights are split per input channel of a group, as depthwise convs over all output
+/// channels: that is the layout both the direct two-channel kernel and the general
+/// gather-and-sum path want.
 #[derive(Clone, Debug)]
 pub(crate) struct GroupedConv {
     /// One depthwise conv per input channel of a group; only the first carries the bias.
@@ -78,8 +80,22 @@ pub(crate) struct Block {
 }
 
 impl WindowConv {
+    /// The conv over `n` images of shape `s`, on the best kernels the CPU has.
     pub(super) fn run(
         &self,
+        x: &[f32],
+        n: usize,
+        s: Hwc,
+        out: &mut Vec<f32>,
+        parallel: bool,
+    ) -> Hwc {
+        self.run_on(fp32::Isa::best(), x, n, s, out, parallel)
+    }
+
+    /// [`Self::run`] on the kernels of `isa`, which the tests choose to cover every path.
+    pub(super) fn run_on(
+        &self,
+        isa: fp32::Isa,
         x: &[f32],
         n: usize,
         s: Hwc,
@@ -99,19 +115,23 @@ impl WindowConv {
         } else {
             fp32::dense_row
         };
+        let act = fp32::Act {
+            slope: self.slope.as_deref(),
+            cap: self.cap,
+        };
         each_chunk(parallel, out, row, |r, o| {
             let (img, oy) = (r / ho, r % ho);
             kernel(
+                isa,
                 o,
                 &x[img * plane..(img + 1) * plane],
                 (s.h, s.w, s.c),
                 oy,
                 &self.w,
                 &self.bias,
-                self.slope.as_deref(),
+                act,
                 geometry,
             );
-            apply_cap(o, self.cap);
         });
         Hwc {
             h: ho,
@@ -122,6 +142,7 @@ impl WindowConv {
 }
 
 impl GroupedConv {
+    /// The conv over `n` images of shape `s`, on the best kernels the CPU has.
     pub(super) fn run(
         &self,
         x: &[f32],
@@ -130,7 +151,56 @@ impl GroupedConv {
         out: &mut Vec<f32>,
         parallel: bool,
     ) -> Hwc {
+        self.run_on(fp32::Isa::best(), x, n, s, out, parallel)
+    }
+
+    /// [`Self::run`] on the kernels of `isa`. Two channels per group in and out (as in
+    /// insightface's `mbf`) run directly on the input, row by row like a depthwise conv;
+    /// other groupings gather a copy of the input per input channel of a group.
+    pub(super) fn run_on(
+        &self,
+        isa: fp32::Isa,
+        x: &[f32],
+        n: usize,
+        s: Hwc,
+        out: &mut Vec<f32>,
+        parallel: bool,
+    ) -> Hwc {
         let (cin_g, cout_g) = (self.cin / self.groups, self.cout / self.groups);
+        if cin_g == 2 && cout_g == 2 && self.parts.len() == 2 {
+            let p = &self.parts[0];
+            let [kh, kw] = p.kernel;
+            let ho = out_dim(s.h, kh, p.stride, p.pad[0]);
+            let wo = out_dim(s.w, kw, p.stride, p.pad[1]);
+            let row = wo * self.cout;
+            let out = sized(out, n * ho * row);
+            let geometry = (kh, kw, p.stride, p.pad[0], p.pad[1]);
+            let plane = s.h * s.w * s.c;
+            let act = fp32::Act {
+                slope: self.slope.as_deref(),
+                cap: self.cap,
+            };
+            let weights = (&p.w[..], &self.parts[1].w[..]);
+            each_chunk(parallel, out, row, |r, o| {
+                let (img, oy) = (r / ho, r % ho);
+                fp32::grouped2_row(
+                    isa,
+                    o,
+                    &x[img * plane..(img + 1) * plane],
+                    (s.h, s.w, s.c),
+                    oy,
+                    weights,
+                    &p.bias,
+                    act,
+                    geometry,
+                );
+            });
+            return Hwc {
+                h: ho,
+                w: wo,
+                c: self.cout,
+            };
+        }
         let mut gathered = vec![0f32; n * s.h * s.w * self.cout];
         let mut part_out = Vec::new();
         let mut shape = s;
@@ -145,9 +215,9 @@ impl GroupedConv {
             }
             let inner = Hwc { c: self.cout, ..s };
             if ci == 0 {
-                shape = part.run(&gathered, n, inner, out, parallel);
+                shape = part.run_on(isa, &gathered, n, inner, out, parallel);
             } else {
-                part.run(&gathered, n, inner, &mut part_out, parallel);
+                part.run_on(isa, &gathered, n, inner, &mut part_out, parallel);
                 let len = n * shape.h * shape.w * shape.c;
                 for (o, p) in out[..len].iter_mut().zip(&part_out[..len]) {
                     *o += p;
@@ -338,8 +408,15 @@ mod tests {
                 depthwise: false,
             };
             let mut out = Vec::new();
-            for parallel in [false, true] {
-                let shape = conv.run(&to_nhwc(&xt), n, Hwc { h, w, c: cin }, &mut out, parallel);
+            for (isa, parallel) in paths() {
+                let shape = conv.run_on(
+                    isa,
+                    &to_nhwc(&xt),
+                    n,
+                    Hwc { h, w, c: cin },
+                    &mut out,
+                    parallel,
+                );
                 let want = reference(&xt, &wtt, &bias, Some(&slope), stride, pad, 1);
                 assert_eq!(
                     [n, shape.c, shape.h, shape.w],
@@ -398,9 +475,75 @@ mod tests {
                 c,
             );
             let mut out = Vec::new();
-            for parallel in [false, true] {
-                conv.run(&to_nhwc(&xt), n, Hwc { h, w, c }, &mut out, parallel);
+            for (isa, parallel) in paths() {
+                conv.run_on(isa, &to_nhwc(&xt), n, Hwc { h, w, c }, &mut out, parallel);
                 assert_close(&out[..want.elem_count()], &want, "depthwise");
+            }
+        }
+    }
+
+    /// Every kernel set the CPU has, each on one thread and split across the pool.
+    fn paths() -> Vec<(fp32::Isa, bool)> {
+        fp32::Isa::available()
+            .into_iter()
+            .flat_map(|isa| [(isa, false), (isa, true)])
+            .collect()
+    }
+
+    #[test]
+    fn grouped_conv_matches_candle() {
+        // Two channels per group take the direct kernel, four the gather-and-sum path.
+        for (n, c, per_group, h, w, stride, cap) in [
+            (2, 64, 2, 9, 11, 1, None),
+            (1, 128, 2, 14, 14, 1, Some(0.5)),
+            (3, 36, 2, 7, 8, 2, None),
+            (2, 32, 4, 6, 7, 1, Some(0.5)),
+        ] {
+            let (k, pad, groups) = (3, 1, c / per_group);
+            let x = values(n * c * h * w, 14);
+            let wt = values(c * per_group * k * k, 15);
+            let bias = values(c, 16);
+            let slope = values(c, 17);
+            let xt = nchw(&x, [n, c, h, w]);
+            let wtt = nchw(&wt, [c, per_group, k, k]);
+            let parts = (0..per_group)
+                .map(|ci| {
+                    let mut hwc = vec![0f32; k * k * c];
+                    for o in 0..c {
+                        for t in 0..k * k {
+                            hwc[t * c + o] = wt[(o * per_group + ci) * k * k + t];
+                        }
+                    }
+                    WindowConv {
+                        w: hwc,
+                        bias: if ci == 0 { bias.clone() } else { vec![0.0; c] },
+                        slope: None,
+                        cap: None,
+                        cin: c,
+                        cout: c,
+                        kernel: [k, k],
+                        stride,
+                        pad: [pad, pad],
+                        depthwise: true,
+                    }
+                })
+                .collect();
+            let conv = GroupedConv {
+                parts,
+                slope: Some(slope.clone()),
+                cap,
+                cin: c,
+                cout: c,
+                groups,
+            };
+            let mut want = reference(&xt, &wtt, &bias, Some(&slope), stride, pad, groups);
+            if let Some(cap) = cap {
+                want = want.clamp(f32::MIN, cap).unwrap();
+            }
+            let mut out = Vec::new();
+            for (isa, parallel) in paths() {
+                conv.run_on(isa, &to_nhwc(&xt), n, Hwc { h, w, c }, &mut out, parallel);
+                assert_close(&out[..want.elem_count()], &want, "grouped");
             }
         }
     }

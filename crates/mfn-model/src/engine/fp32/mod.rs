@@ -4,6 +4,8 @@
 
 mod gemm;
 mod window;
+#[cfg(target_arch = "x86_64")]
+mod window512;
 
 pub(crate) use gemm::{matmul, Epilogue, Weights, MR};
-pub(crate) use window::{add_bias, bias_prelu, dense_row, depthwise_row};
+pub(crate) use window::{add_bias, bias_prelu, dense_row, depthwise_row, grouped2_row, Act, Isa};
