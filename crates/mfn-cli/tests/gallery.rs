@@ -210,6 +210,93 @@ fn aligned_crops() {
     assert_eq!(read_json(&json)["results"][0]["label"], "Aaron_Peirsol");
 }
 
+/// `enroll --storage int8` records the precision; later searches use it, `stats` shows
+/// it, and another `--storage` for the same gallery is refused.
+#[test]
+fn int8_storage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("int8.db");
+    let lfw = asset("lfw/aligned-112x112");
+    let crop = |name: &str, n: u32| lfw.join(name).join(format!("{name}_{n:04}.jpg"));
+    ok(mfn(&[
+        "gallery",
+        "enroll",
+        "--aligned",
+        "--storage",
+        "int8",
+        "--db",
+        s(&db),
+        "--label",
+        "Aaron_Peirsol",
+        s(&crop("Aaron_Peirsol", 1)),
+        s(&crop("Aaron_Peirsol", 2)),
+    ]));
+    ok(mfn(&[
+        "gallery",
+        "enroll",
+        "--aligned",
+        "--db",
+        s(&db),
+        "--label",
+        "Abdullah_Gul",
+        s(&crop("Abdullah_Gul", 1)),
+    ]));
+    let json = tmp.path().join("stats.json");
+    let out = ok(mfn(&[
+        "gallery",
+        "stats",
+        "--db",
+        s(&db),
+        "--json",
+        s(&json),
+    ]));
+    assert!(
+        stdout(&out).contains("storage      int8"),
+        "{}",
+        stdout(&out)
+    );
+    let v = read_json(&json);
+    assert_eq!(
+        (v["storage"].as_str(), v["faces"].as_u64()),
+        (Some("int8"), Some(3))
+    );
+    assert_eq!(v["format_version"], 2);
+
+    let json = tmp.path().join("search.json");
+    ok(mfn(&[
+        "gallery",
+        "search",
+        "--aligned",
+        "--db",
+        s(&db),
+        "--k",
+        "3",
+        "--json",
+        s(&json),
+        s(&crop("Aaron_Peirsol", 3)),
+    ]));
+    let hits = read_json(&json)["results"][0]["hits"].clone();
+    assert_eq!(hits[0]["label"], "Aaron_Peirsol");
+    assert_eq!(hits[1]["label"], "Aaron_Peirsol");
+    assert_eq!(hits[2]["label"], "Abdullah_Gul");
+
+    let out = mfn(&[
+        "gallery",
+        "enroll",
+        "--aligned",
+        "--storage",
+        "f16",
+        "--db",
+        s(&db),
+        "--label",
+        "Abdullah_Gul",
+        s(&crop("Abdullah_Gul", 2)),
+    ]);
+    assert_ne!(out.status.code(), Some(0));
+    let err = stderr(&out);
+    assert!(err.contains(s(&db)) && err.contains("int8"), "{err}");
+}
+
 #[test]
 fn foreign_files_exit_2_naming_them() {
     let tmp = tempfile::tempdir().unwrap();

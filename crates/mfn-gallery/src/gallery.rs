@@ -9,7 +9,7 @@ use mfn_detect::Pipeline;
 use crate::index::{Index, IndexKind};
 use crate::sqlite::{now, SqliteStore};
 use crate::store::{check_model, Enrollment, Face, Location, ServerSearch, Store};
-use crate::{Error, Fingerprint, Result};
+use crate::{Error, Fingerprint, Result, Storage};
 
 /// The default memory limit of a gallery's search index: 16 GiB, about 8 million
 /// 512-d faces.
@@ -69,6 +69,8 @@ pub struct Stats {
     pub fingerprint: String,
     /// The embedding dimension.
     pub dim: usize,
+    /// How the embeddings are stored.
+    pub storage: Storage,
     /// Faces enrolled.
     pub faces: u64,
     /// Distinct labels.
@@ -132,17 +134,41 @@ impl Gallery {
         Ok(gallery)
     }
 
-    /// Creates a new, empty gallery for the model `fingerprint`; an existing one is
-    /// refused.
+    /// Creates a new, empty gallery for the model `fingerprint`, storing f32 embeddings;
+    /// an existing one is refused.
     pub fn create(
         location: impl Into<Location>,
         fingerprint: &Fingerprint,
         dim: usize,
     ) -> Result<Self> {
+        Self::create_with(location, fingerprint, dim, Storage::F32)
+    }
+
+    /// [`Gallery::create`] storing embeddings as `storage`: f16 or int8 take a half or a
+    /// quarter of the room, at a small cost in recall (see [`Storage`]). Searches score the
+    /// stored (decoded) embeddings. A PostgreSQL gallery stores f32 only (pgvector's
+    /// `vector`): another storage is refused there.
+    pub fn create_with(
+        location: impl Into<Location>,
+        fingerprint: &Fingerprint,
+        dim: usize,
+        storage: Storage,
+    ) -> Result<Self> {
         let store: Box<dyn Store> = match location.into() {
-            Location::Sqlite(path) => Box::new(SqliteStore::create(&path, fingerprint, dim)?),
+            Location::Sqlite(path) => {
+                Box::new(SqliteStore::create_with(&path, fingerprint, dim, storage)?)
+            }
             #[cfg(feature = "postgres")]
-            Location::Postgres(url) => Box::new(crate::PgStore::create(&url, fingerprint, dim)?),
+            Location::Postgres(url) => {
+                if storage != Storage::F32 {
+                    return Err(Error::Invalid(format!(
+                        "{}: a PostgreSQL gallery stores f32 embeddings (pgvector's `vector`), \
+                         not {storage}",
+                        crate::store::redact(&url)
+                    )));
+                }
+                Box::new(crate::PgStore::create(&url, fingerprint, dim)?)
+            }
             #[cfg(not(feature = "postgres"))]
             other => return Err(other.not_built()),
         };
@@ -247,6 +273,11 @@ impl Gallery {
         self.store.meta().dim
     }
 
+    /// How its embeddings are stored.
+    pub fn storage(&self) -> Storage {
+        self.store.meta().storage
+    }
+
     /// How many faces it holds.
     pub fn len(&self) -> Result<u64> {
         self.store.count()
@@ -259,7 +290,7 @@ impl Gallery {
 
     /// Enrolls faces, all or none (one transaction); returns their ids in order. Each
     /// embedding must have the gallery's dimension and be finite and not zero; it is
-    /// stored unit length.
+    /// stored unit length, in the gallery's [`Storage`].
     pub fn enroll(&mut self, faces: &[Enrollment]) -> Result<Vec<i64>> {
         let dim = self.dim();
         let mut unit = Vec::with_capacity(faces.len());
@@ -289,10 +320,12 @@ impl Gallery {
             });
         }
         let ids = self.store.insert(&unit, now())?;
+        let storage = self.storage();
         if let Some(loaded) = self.loaded.get_mut() {
             let mut rows = Vec::with_capacity(unit.len() * dim);
             for (f, id) in unit.iter().zip(&ids) {
-                rows.extend_from_slice(&f.embedding);
+                // What the store will hand back: the index holds the same values.
+                rows.extend_from_slice(&storage.round_trip(&f.embedding));
                 loaded.labels.insert(*id, f.label.clone());
             }
             loaded.index.add(&ids, &rows)?;
@@ -384,6 +417,7 @@ impl Gallery {
             format_version: meta.format_version,
             fingerprint: meta.fingerprint.hex(),
             dim: meta.dim,
+            storage: meta.storage,
             faces: labels.iter().map(|(_, n)| n).sum(),
             labels: labels.len() as u64,
             max_faces_per_label: labels.iter().map(|(_, n)| *n).max().unwrap_or(0),

@@ -10,6 +10,7 @@ pub mod open_set;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod sqlite;
+pub mod storage;
 pub mod store;
 
 pub use error::{Error, Result};
@@ -21,4 +22,5 @@ pub use open_set::OpenSetSplit;
 #[cfg(feature = "postgres")]
 pub use postgres::{PgStore, MAX_EF_SEARCH, MAX_HNSW_DIM};
 pub use sqlite::SqliteStore;
+pub use storage::Storage;
 pub use store::{Enrollment, Face, Location, Meta, ServerSearch, Store, FORMAT_VERSION};

@@ -40,9 +40,10 @@ use pgvector::Vector;
 
 use crate::gallery::Hit;
 use crate::store::{
-    check_enrollment, redact, Enrollment, Face, Meta, ServerSearch, Store, FORMAT_VERSION, MAX_DIM,
+    check_enrollment, format_version_for, redact, Enrollment, Face, Meta, ServerSearch, Store,
+    FORMAT_VERSION, MAX_DIM,
 };
-use crate::{Error, Fingerprint, Result};
+use crate::{Error, Fingerprint, Result, Storage};
 
 /// The value of the `format` key in `mfn_meta`.
 const FORMAT_NAME: &str = "mfn-gallery";
@@ -168,7 +169,7 @@ impl PgStore {
             .map_err(&pg)?;
         for (key, value) in [
             ("format", FORMAT_NAME.to_string()),
-            ("version", FORMAT_VERSION.to_string()),
+            ("version", format_version_for(Storage::F32).to_string()),
             ("fingerprint", fingerprint.hex()),
             ("dim", dim.to_string()),
             ("created", created.to_string()),
@@ -180,10 +181,11 @@ impl PgStore {
             url,
             client,
             Meta {
-                format_version: FORMAT_VERSION,
+                format_version: format_version_for(Storage::F32),
                 fingerprint: *fingerprint,
                 dim,
                 created,
+                storage: Storage::F32,
             },
         ))
     }
@@ -297,6 +299,17 @@ impl PgStore {
                 ))
             })?;
         let created = get("created")?.and_then(|c| c.parse().ok()).unwrap_or(0);
+        match get("storage")? {
+            None => {}
+            Some(name) if name == Storage::F32.name() => {}
+            Some(name) => {
+                return Err(corrupt(format!(
+                    "the storage in `mfn_meta` is `{}`: a PostgreSQL gallery stores f32 \
+                     (pgvector's `vector`)",
+                    name.escape_debug()
+                )))
+            }
+        }
         check_columns(&mut client, dim).map_err(|e| match e {
             Ok(message) => corrupt(message),
             Err(e) => pg(e),
@@ -309,6 +322,7 @@ impl PgStore {
                 fingerprint,
                 dim,
                 created,
+                storage: Storage::F32,
             },
         ))
     }

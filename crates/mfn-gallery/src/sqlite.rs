@@ -10,8 +10,11 @@
 //! ```
 //!
 //! `meta` holds `format` (`mfn-gallery`), `version`, `fingerprint` (64 hex digits, see
-//! [`crate::Fingerprint`]), `dim` and `created` (unix seconds). An embedding is `dim` f32
-//! values, little-endian, unit length: a BLOB of exactly `dim * 4` bytes. Ids are never
+//! [`crate::Fingerprint`]), `dim`, `created` (unix seconds) and, from format version 2,
+//! `storage` (`f32`, `f16` or `int8`; absent means f32). An embedding is a unit-length
+//! vector of `dim` values encoded as [`crate::Storage`] says: a BLOB of exactly
+//! `Storage::bytes(dim)` bytes (`4 dim` for f32, little-endian). An f32 gallery is written
+//! as format version 1, which older builds read; f16 and int8 as version 2. Ids are never
 //! reused (`AUTOINCREMENT`). The file runs in WAL mode, so readers do not block a writer.
 
 use std::path::{Path, PathBuf};
@@ -21,10 +24,10 @@ use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use crate::store::{
-    check_enrollment, Enrollment, Face, Meta, Store, FORMAT_VERSION, MAX_DIM, MAX_LABEL_BYTES,
-    MAX_SOURCE_BYTES,
+    check_enrollment, format_version_for, Enrollment, Face, Meta, Store, FORMAT_VERSION, MAX_DIM,
+    MAX_LABEL_BYTES, MAX_SOURCE_BYTES,
 };
-use crate::{Error, Fingerprint, Result};
+use crate::{Error, Fingerprint, Result, Storage};
 
 /// The value of the `format` key in `meta`.
 const FORMAT_NAME: &str = "mfn-gallery";
@@ -48,8 +51,18 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Creates a new gallery file at `path` for embeddings of `dim` values from the model
-    /// `fingerprint`; an existing file is refused.
+    /// `fingerprint`, stored as f32; an existing file is refused.
     pub fn create(path: &Path, fingerprint: &Fingerprint, dim: usize) -> Result<Self> {
+        Self::create_with(path, fingerprint, dim, Storage::F32)
+    }
+
+    /// [`SqliteStore::create`] with embeddings stored as `storage`.
+    pub fn create_with(
+        path: &Path,
+        fingerprint: &Fingerprint,
+        dim: usize,
+        storage: Storage,
+    ) -> Result<Self> {
         if !(1..=MAX_DIM).contains(&dim) {
             return Err(Error::Invalid(format!(
                 "an embedding dimension of {dim}: expected 1..={MAX_DIM}"
@@ -92,10 +105,13 @@ impl SqliteStore {
             {
                 let mut put = tx.prepare("INSERT INTO meta (key, value) VALUES (?1, ?2)")?;
                 put.execute(params!["format", FORMAT_NAME])?;
-                put.execute(params!["version", FORMAT_VERSION.to_string()])?;
+                put.execute(params!["version", format_version_for(storage).to_string()])?;
                 put.execute(params!["fingerprint", fingerprint.hex()])?;
                 put.execute(params!["dim", dim.to_string()])?;
                 put.execute(params!["created", created.to_string()])?;
+                if storage != Storage::F32 {
+                    put.execute(params!["storage", storage.name()])?;
+                }
             }
             tx.commit()
         })();
@@ -113,10 +129,11 @@ impl SqliteStore {
             path: path.into(),
             conn,
             meta: Meta {
-                format_version: FORMAT_VERSION,
+                format_version: format_version_for(storage),
                 fingerprint: *fingerprint,
                 dim,
                 created,
+                storage,
             },
         })
     }
@@ -211,6 +228,15 @@ impl SqliteStore {
                 ))
             })?;
         let created = get("created")?.and_then(|c| c.parse().ok()).unwrap_or(0);
+        let storage = match get("storage")? {
+            None => Storage::F32,
+            Some(name) => Storage::parse(&name).map_err(|_| {
+                corrupt(format!(
+                    "the storage in `meta` is `{}`: expected f32, f16 or int8",
+                    name.escape_debug()
+                ))
+            })?,
+        };
         // Only now that the file is known to be ours: WAL is a property of the file.
         configure(&conn).map_err(sql)?;
         Ok(Self {
@@ -221,6 +247,7 @@ impl SqliteStore {
                 fingerprint,
                 dim,
                 created,
+                storage,
             },
         })
     }
@@ -315,7 +342,7 @@ impl Store for SqliteStore {
     }
 
     fn insert(&mut self, faces: &[Enrollment], time: i64) -> Result<Vec<i64>> {
-        let dim = self.meta.dim;
+        let (dim, storage) = (self.meta.dim, self.meta.storage);
         let path = self.path.clone();
         let sql = |source| Error::Sqlite {
             path: path.clone(),
@@ -330,13 +357,11 @@ impl Store for SqliteStore {
                     "INSERT INTO faces (label, embedding, source, time) VALUES (?1, ?2, ?3, ?4)",
                 )
                 .map_err(sql)?;
-            let mut blob = Vec::with_capacity(dim * 4);
+            let mut blob = Vec::with_capacity(storage.bytes(dim));
             for (i, face) in faces.iter().enumerate() {
                 check_enrollment(i, face, dim)?;
                 blob.clear();
-                for v in &face.embedding {
-                    blob.extend_from_slice(&v.to_le_bytes());
-                }
+                storage.encode(&face.embedding, &mut blob);
                 stmt.execute(params![face.label, blob, face.source, time])
                     .map_err(sql)?;
                 ids.push(tx.last_insert_rowid());
@@ -430,7 +455,8 @@ impl Store for SqliteStore {
     }
 
     fn scan(&self, visit: &mut dyn FnMut(Face, &[f32]) -> Result<()>) -> Result<()> {
-        let dim = self.meta.dim;
+        let (dim, storage) = (self.meta.dim, self.meta.storage);
+        let bytes = storage.bytes(dim);
         // One read transaction: a consistent snapshot even while another process writes.
         let tx = self.conn.unchecked_transaction().map_err(self.sql())?;
         {
@@ -441,17 +467,13 @@ impl Store for SqliteStore {
                      THEN embedding END FROM faces ORDER BY id"
                 ))
                 .map_err(self.sql())?;
-            let mut rows = stmt.query([(dim * 4) as i64]).map_err(self.sql())?;
+            let mut rows = stmt.query([bytes as i64]).map_err(self.sql())?;
             let mut values = vec![0f32; dim];
             while let Some(r) = rows.next().map_err(self.sql())? {
                 let face = self.face(r)?;
                 let id = face.id;
                 match r.get_ref(10).map_err(self.sql())? {
-                    ValueRef::Blob(b) if b.len() == dim * 4 => {
-                        for (v, c) in values.iter_mut().zip(b.chunks_exact(4)) {
-                            *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                        }
-                    }
+                    ValueRef::Blob(b) if storage.decode(b, &mut values) => {}
                     _ => {
                         let kind: String = r.get(8).map_err(self.sql())?;
                         let len: Option<i64> = r.get(9).map_err(self.sql())?;
@@ -463,9 +485,8 @@ impl Store for SqliteStore {
                         return Err(self.corrupt(
                             id,
                             format!(
-                                "the embedding is {what}; the gallery's {dim}-value embeddings \
-                                 take {} bytes",
-                                dim * 4
+                                "the embedding is {what}; the gallery's {dim}-value {storage} \
+                                 embeddings take {bytes} bytes"
                             ),
                         ));
                     }

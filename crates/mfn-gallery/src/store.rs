@@ -7,8 +7,19 @@ use std::path::{Path, PathBuf};
 
 use crate::{Error, Fingerprint, Hit, IndexKind, Result};
 
-/// The newest store format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest store format this build writes and reads: 2 for a gallery whose embeddings
+/// are stored in f16 or int8 ([`crate::Storage`]), 1 for f32 (which every build reads).
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The format version a gallery storing its embeddings as `storage` is written with: the
+/// oldest that can read it, so that builds without [`crate::Storage`] still open f32
+/// galleries and refuse the others as newer.
+pub fn format_version_for(storage: crate::Storage) -> u32 {
+    match storage {
+        crate::Storage::F32 => 1,
+        _ => 2,
+    }
+}
 
 /// The largest embedding dimension a gallery accepts (the presets give 128 and 512).
 pub const MAX_DIM: usize = 8192;
@@ -30,6 +41,8 @@ pub struct Meta {
     pub dim: usize,
     /// When the gallery was created, unix seconds.
     pub created: i64,
+    /// How its embeddings are stored.
+    pub storage: crate::Storage,
 }
 
 /// One face to enroll: who it is, its embedding, and where it came from.

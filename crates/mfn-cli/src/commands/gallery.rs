@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use mfn_detect::Pipeline;
-use mfn_gallery::{Enrollment, Fingerprint, Gallery, Hit, Identity, IndexKind, Location};
+use mfn_gallery::{Enrollment, Fingerprint, Gallery, Hit, Identity, IndexKind, Location, Storage};
 use serde_json::{json, Value};
 
 use super::{
@@ -82,6 +82,28 @@ impl IndexArg {
     }
 }
 
+/// How a new gallery stores its embeddings.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum StorageArg {
+    /// 4 bytes a value: exact.
+    #[default]
+    F32,
+    /// 2 bytes a value (IEEE half precision).
+    F16,
+    /// 1 byte a value and a scale per face.
+    Int8,
+}
+
+impl StorageArg {
+    fn storage(self) -> Storage {
+        match self {
+            Self::F32 => Storage::F32,
+            Self::F16 => Storage::F16,
+            Self::Int8 => Storage::Int8,
+        }
+    }
+}
+
 /// The model and how faces are found in photos.
 #[derive(clap::Args, Debug)]
 struct ModelArgs {
@@ -118,6 +140,11 @@ struct EnrollArgs {
     /// Photos (or aligned crops with --aligned) of the person --label names.
     #[arg(required_unless_present = "from_dir", conflicts_with = "from_dir")]
     photos: Vec<PathBuf>,
+    /// How a gallery created by this command stores embeddings: f16 and int8 take a half
+    /// and about a quarter of the room of f32, at a small cost in recall; recorded in the
+    /// gallery (SQLite only: PostgreSQL stores f32) [default: f32].
+    #[arg(long, value_enum)]
+    storage: Option<StorageArg>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -185,6 +212,10 @@ struct EvalArgs {
     /// The index the gallery is searched with (built in memory here).
     #[arg(long, value_enum, default_value_t)]
     index: IndexArg,
+    /// The precision the enrolled embeddings are kept in, as a gallery created with
+    /// `enroll --storage` would keep them (probes stay f32).
+    #[arg(long, value_enum, default_value_t)]
+    storage: StorageArg,
     /// Embed each face alone, without adding its mirror image.
     #[arg(long)]
     no_flip: bool,
@@ -221,7 +252,14 @@ struct Loaded {
     aligned: bool,
 }
 
-fn load(db: &DbArgs, m: &ModelArgs, create: bool, threshold: Option<f64>) -> Result<Loaded> {
+/// `create`: make the gallery when it is not there, storing embeddings as it says (a
+/// storage other than an existing gallery's is refused).
+fn load(
+    db: &DbArgs,
+    m: &ModelArgs,
+    create: Option<Option<Storage>>,
+    threshold: Option<f64>,
+) -> Result<Loaded> {
     if let Some(path) = &db.json {
         check_output(path, "--json")?;
     }
@@ -234,12 +272,21 @@ fn load(db: &DbArgs, m: &ModelArgs, create: bool, threshold: Option<f64>) -> Res
     let dim = ckpt.config.embedding_size;
     // Another model's gallery is refused before any work.
     let location = Location::parse(&db.db);
-    let exists = !create || Gallery::exists(&location).context("opening the gallery")?;
+    let exists = create.is_none() || Gallery::exists(&location).context("opening the gallery")?;
     let gallery = if exists {
-        Some(
-            Gallery::open_for(location.clone(), &fingerprint, dim)
-                .context("opening the gallery")?,
-        )
+        let g = Gallery::open_for(location.clone(), &fingerprint, dim)
+            .context("opening the gallery")?;
+        if let Some(Some(want)) = create {
+            if g.storage() != want {
+                bail!(
+                    "--storage {want}: {} exists and stores {} embeddings; the storage is \
+                     chosen when a gallery is created",
+                    g.location(),
+                    g.storage()
+                );
+            }
+        }
+        Some(g)
     } else {
         None
     };
@@ -254,7 +301,11 @@ fn load(db: &DbArgs, m: &ModelArgs, create: bool, threshold: Option<f64>) -> Res
     // A new gallery only once the pipeline has loaded: a failed load leaves no file.
     let gallery = match gallery {
         Some(g) => g,
-        None => Gallery::create(location, &fingerprint, dim).context("creating the gallery")?,
+        None => {
+            let storage = create.flatten().unwrap_or_default();
+            Gallery::create_with(location, &fingerprint, dim, storage)
+                .context("creating the gallery")?
+        }
     };
     Ok(Loaded {
         pipeline,
@@ -358,7 +409,8 @@ fn enroll(a: EnrollArgs) -> Result<()> {
             .collect(),
         (None, None) => bail!("give --label NAME with photos, or --from-dir DIR"),
     };
-    let mut l = load(&a.db, &a.model, true, None)?;
+    let storage = a.storage.map(StorageArg::storage);
+    let mut l = load(&a.db, &a.model, Some(storage), None)?;
     let photos: Vec<PathBuf> = items.iter().map(|(_, p)| p.clone()).collect();
     let embeddings = l.embed_all(&photos, "embedding")?;
     let faces: Vec<Enrollment> = items
@@ -404,7 +456,7 @@ fn hit_json(h: &Hit) -> Value {
 }
 
 fn search(a: SearchArgs) -> Result<()> {
-    let mut l = load(&a.db, &a.model, false, None)?;
+    let mut l = load(&a.db, &a.model, None, None)?;
     l.gallery.set_index_kind(a.index.kind());
     let embeddings = l.embed_all(&a.photos, "searching")?;
     let mut results = Vec::new();
@@ -449,7 +501,7 @@ fn search(a: SearchArgs) -> Result<()> {
 }
 
 fn identify(a: IdentifyArgs) -> Result<()> {
-    let mut l = load(&a.db, &a.model, false, a.threshold)?;
+    let mut l = load(&a.db, &a.model, None, a.threshold)?;
     l.gallery.set_index_kind(a.index.kind());
     let threshold = l.pipeline.threshold().with_context(|| {
         format!(
@@ -555,6 +607,7 @@ fn stats(a: DbArgs) -> Result<()> {
     println!("format       version {}", s.format_version);
     println!("model        fingerprint {}", s.fingerprint);
     println!("dimension    {}", s.dim);
+    println!("storage      {}", s.storage);
     println!("faces        {}", s.faces);
     println!(
         "labels       {} (at most {} faces under one)",
@@ -585,7 +638,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let images = split.images();
     let start = Instant::now();
     let bar = progress(images.len(), "embedding");
-    let embeddings = mfn_data::embed_images(
+    let mut embeddings = mfn_data::embed_images(
         &images,
         a.batch,
         image_size(model.config()),
@@ -595,6 +648,13 @@ fn eval(a: EvalArgs) -> Result<()> {
     )?;
     bar.finish_and_clear();
     let embed_seconds = start.elapsed().as_secs_f64();
+    let storage = a.storage.storage();
+    if storage != Storage::F32 {
+        // The enrolled faces come first; they are kept as a gallery would keep them.
+        for e in embeddings.iter_mut().take(split.gallery.len()) {
+            *e = storage.round_trip(&unit(e));
+        }
+    }
     let search_start = Instant::now();
     let report = match a.index {
         IndexArg::Exact => split.evaluate(&embeddings, a.k, &FARS),
@@ -605,6 +665,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     let model_name = ckpt.source.display().to_string();
     println!("model      {model_name}");
     println!("index      {}", a.index.kind().name());
+    println!("storage    {storage}");
     println!(
         "images     {} under {}, flip test {}",
         images.len(),
@@ -648,6 +709,7 @@ fn eval(a: EvalArgs) -> Result<()> {
             "flip": flip,
             "gallery": split.gallery.len(),
             "index": a.index.kind().name(),
+            "storage": storage,
             "report": report,
             "embed_seconds": embed_seconds,
             "search_seconds": search_seconds,
@@ -679,20 +741,17 @@ fn evaluate_with(
     use mfn_eval::open_set::Probe;
     let enrolled = split.gallery.len();
     let dim = embeddings.first().map_or(0, Vec::len);
-    let unit = |e: &Vec<f32>| -> Vec<f32> {
-        let norm = e
-            .iter()
-            .map(|v| (*v as f64).powi(2))
-            .sum::<f64>()
-            .sqrt()
-            .max(1e-12);
-        e.iter().map(|v| (*v as f64 / norm) as f32).collect()
-    };
     let mut index = kind.build(dim)?;
     let ids: Vec<i64> = (0..enrolled as i64).collect();
-    let rows: Vec<f32> = embeddings[..enrolled].iter().flat_map(unit).collect();
+    let rows: Vec<f32> = embeddings[..enrolled]
+        .iter()
+        .flat_map(|e| unit(e))
+        .collect();
     index.add(&ids, &rows)?;
-    let probes: Vec<f32> = embeddings[enrolled..].iter().flat_map(unit).collect();
+    let probes: Vec<f32> = embeddings[enrolled..]
+        .iter()
+        .flat_map(|e| unit(e))
+        .collect();
     let ranked = index.search_many(&probes, max_rank);
     let candidates = |hits: &Vec<mfn_gallery::Scored>| -> Vec<(u32, f32)> {
         hits.iter().map(|s| (s.id as u32, s.score)).collect()
@@ -706,4 +765,15 @@ fn evaluate_with(
         })
         .collect();
     Ok(mfn_eval::open_set::evaluate(&probes, &FARS, max_rank)?)
+}
+
+/// `e` scaled to unit length (a zero vector stays zero).
+fn unit(e: &[f32]) -> Vec<f32> {
+    let norm = e
+        .iter()
+        .map(|v| (*v as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
+        .max(1e-12);
+    e.iter().map(|v| (*v as f64 / norm) as f32).collect()
 }
