@@ -109,7 +109,7 @@ unsafe fn tile<const R: usize, const V: usize>(
         // A ragged last vector (always the tile's last, as `stride` is `cols` rounded up
         // to 8) goes through a buffer. Indexing `acc` only by constants keeps it in
         // registers through the loop above.
-        if cols % 8 != 0 {
+        if !cols.is_multiple_of(8) {
             let c = (V - 1) * 8;
             let mut lanes = [[0i32; 8]; R];
             for (l, row) in lanes.iter_mut().zip(&acc) {
@@ -172,7 +172,7 @@ pub(super) unsafe fn matmul(
     w: &[i16],
     ep: QEpilogue,
 ) {
-    debug_assert!(ks % 2 == 0 && a.len() >= rows * ks && out.len() >= rows * n);
+    debug_assert!(ks.is_multiple_of(2) && a.len() >= rows * ks && out.len() >= rows * n);
     let mut wide = vec![0i16; MR * ks];
     let mut r0 = 0;
     while r0 < rows {

@@ -421,7 +421,7 @@ mod tests {
         let w = QWeights::for_isa(isa, &wt, k, n);
         assert_eq!((w.k(), w.n()), (k, n));
         let ks = w.k_stride();
-        assert!(ks >= k && ks % K_STEP == 0);
+        assert!(ks >= k && ks.is_multiple_of(K_STEP));
         let a = activations(rng, rows, ks);
         let ones = vec![1f32; n];
         let zeros = vec![0f32; n];
@@ -733,7 +733,7 @@ mod speed {
             bias: &[f32],
             slope: &[f32],
         ) {
-            assert!(n % 16 == 0 && out.len() >= m * n && x.len() >= m * k);
+            assert!(n.is_multiple_of(16) && out.len() >= m * n && x.len() >= m * k);
             assert!(w.len() >= k * n && bias.len() >= n && slope.len() >= n);
             // SAFETY: the tiles stay within the shapes asserted above.
             unsafe {

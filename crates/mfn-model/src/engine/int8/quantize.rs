@@ -60,8 +60,11 @@ pub(super) fn quantize_with(
 /// One value; the reference for the vector code, and its tails.
 #[inline]
 fn quantize_one(x: f32, inv_scale: f32, zero: u8) -> u8 {
-    // `f32::max` ignores NaN, so NaN becomes -256 and then 0, as in the vector code.
-    let t = (x * inv_scale).max(-256.0).min(256.0).round_ties_even() as i32;
+    let t = x * inv_scale;
+    // Written out rather than `clamp`, which keeps NaN: NaN fails the comparison and
+    // becomes -256, then 0, as in the vector code.
+    let t = if t >= -256.0 { t.min(256.0) } else { -256.0 };
+    let t = t.round_ties_even() as i32;
     (t + i32::from(zero)).clamp(0, 255) as u8
 }
 

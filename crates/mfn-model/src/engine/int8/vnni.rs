@@ -108,7 +108,7 @@ pub(super) unsafe fn matmul(
     w: &[i8],
     ep: QEpilogue,
 ) {
-    debug_assert!(ks % 4 == 0 && a.len() >= rows * ks && out.len() >= rows * n);
+    debug_assert!(ks.is_multiple_of(4) && a.len() >= rows * ks && out.len() >= rows * n);
     let mut r0 = 0;
     while r0 < rows {
         let r = MR.min(rows - r0);
