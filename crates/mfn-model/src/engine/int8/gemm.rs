@@ -97,6 +97,10 @@ enum Layout {
     /// `data[offset]`, 32-byte aligned.
     #[cfg(target_arch = "x86_64")]
     Avx2 { data: Vec<i16>, offset: usize },
+    /// As `Avx2` but i8, for weights of more than [`avx2::NARROW_ABOVE`] elements, and
+    /// 16-byte aligned.
+    #[cfg(target_arch = "x86_64")]
+    Avx2Narrow { data: Vec<i8>, offset: usize },
 }
 
 /// `(first column, columns)` of each `panel`-wide slice of an `n`-column matrix.
@@ -134,6 +138,11 @@ impl QWeights {
             Isa::Avx512Vnni => {
                 let (data, offset) = pack(w, k, n, k_stride, vnni::PANEL, 16, 4, 64, 0i8, |v| v);
                 Layout::Vnni { data, offset }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if k * n > avx2::NARROW_ABOVE => {
+                let (data, offset) = pack(w, k, n, k_stride, avx2::PANEL, 8, 2, 16, 0i8, |v| v);
+                Layout::Avx2Narrow { data, offset }
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
@@ -188,7 +197,7 @@ impl QWeights {
             #[cfg(target_arch = "x86_64")]
             Layout::Vnni { .. } => Isa::Avx512Vnni,
             #[cfg(target_arch = "x86_64")]
-            Layout::Avx2 { .. } => Isa::Avx2,
+            Layout::Avx2 { .. } | Layout::Avx2Narrow { .. } => Isa::Avx2,
         }
     }
 }
@@ -282,6 +291,12 @@ pub(crate) fn matmul(out: &mut [f32], a: &[u8], rows: usize, w: &QWeights, ep: Q
         }
         #[cfg(target_arch = "x86_64")]
         Layout::Avx2 { data, offset } => {
+            assert!(Isa::Avx2.supported());
+            // SAFETY: as above.
+            unsafe { avx2::matmul(out, a, rows, ks, n, &data[*offset..], ep) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Layout::Avx2Narrow { data, offset } => {
             assert!(Isa::Avx2.supported());
             // SAFETY: as above.
             unsafe { avx2::matmul(out, a, rows, ks, n, &data[*offset..], ep) }
@@ -485,7 +500,15 @@ mod tests {
                     check_exact(isa, &mut rng, rows, k, n);
                 }
             }
-            for (rows, k, n) in [(13, 1155, 70), (7, 64, 512), (3, 70, 200), (1, 513, 9)] {
+            // The last two are big enough for the AVX2 kernel's i8 layout.
+            for (rows, k, n) in [
+                (13, 1155, 70),
+                (7, 64, 512),
+                (3, 70, 200),
+                (1, 513, 9),
+                (13, 1155, 230),
+                (5, 4608, 61),
+            ] {
                 check_exact(isa, &mut rng, rows, k, n);
             }
         }
@@ -576,6 +599,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The odd-shape tests cover both AVX2 layouts only if big weights take the i8 one.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn big_avx2_weights_stay_i8() {
+        if !Isa::Avx2.supported() {
+            return;
+        }
+        let (k, n) = (1155, 230);
+        assert!(k * n > avx2::NARROW_ABOVE);
+        let w = QWeights::for_isa(Isa::Avx2, &vec![1; k * n], k, n);
+        assert!(matches!(w.layout, Layout::Avx2Narrow { .. }));
+        let w = QWeights::for_isa(Isa::Avx2, &vec![1; 1155 * 70], 1155, 70);
+        assert!(matches!(w.layout, Layout::Avx2 { .. }));
     }
 
     #[test]
