@@ -18,9 +18,9 @@ pub(super) const PANEL: usize = 16;
 /// Weights with more elements than this stay i8 and are sign-extended as they are
 /// loaded: widened, they would not fit in L2 (the embedding layer's 25,088 x 512 would
 /// take 25 MB), and streaming half the bytes from memory outweighs the extra instruction
-/// per weight vector. Measured on the embedding layer with 4 rows: 98 GMAC/s against 55;
-/// on the products that fit, widening once is 6-8% faster.
-pub(super) const NARROW_ABOVE: usize = 1 << 18;
+/// per weight vector. Measured on the embedding layer with 4 rows: 94-98 GMAC/s against
+/// 55; on 512 x 1024 (1 MB widened) widening once is still 7% faster.
+pub(super) const NARROW_ABOVE: usize = 1 << 20;
 
 /// Rows per microkernel call: `MR x V` accumulators, the weights, a broadcast and a
 /// product fill the 16 registers.

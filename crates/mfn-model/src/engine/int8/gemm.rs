@@ -506,8 +506,8 @@ mod tests {
                 (7, 64, 512),
                 (3, 70, 200),
                 (1, 513, 9),
-                (13, 1155, 230),
-                (5, 4608, 61),
+                (13, 4608, 230),
+                (2, 25_088, 45),
             ] {
                 check_exact(isa, &mut rng, rows, k, n);
             }
@@ -608,7 +608,7 @@ mod tests {
         if !Isa::Avx2.supported() {
             return;
         }
-        let (k, n) = (1155, 230);
+        let (k, n) = (4608, 230);
         assert!(k * n > avx2::NARROW_ABOVE);
         let w = QWeights::for_isa(Isa::Avx2, &vec![1; k * n], k, n);
         assert!(matches!(w.layout, Layout::Avx2Narrow { .. }));
