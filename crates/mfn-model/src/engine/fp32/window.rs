@@ -709,3 +709,78 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// Prints GMAC/s of each kernel set on w600k_mbf's window convs (the grouped one, the
+    /// depthwise ones and the stem):
+    /// `cargo test --release -p mfn-model --lib window_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn window_speed() {
+        // (name, h, w, cin, cout, stride): cin 3 is the stem, cin == cout a depthwise
+        // conv, "grouped" the two-channel groups.
+        for (name, h, w, cin, cout, stride) in [
+            ("stem", 112, 112, 3, 128, 2),
+            ("grouped", 56, 56, 128, 128, 1),
+            ("dw", 56, 56, 256, 256, 2),
+            ("dw", 28, 28, 256, 256, 1),
+            ("dw", 28, 28, 512, 512, 2),
+            ("dw", 14, 14, 512, 512, 1),
+            ("dw", 14, 14, 1024, 1024, 2),
+            ("dw", 7, 7, 512, 512, 1),
+        ] {
+            let (ho, wo) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+            let x = vec![0.5f32; h * w * cin];
+            let wt = vec![0.25f32; 9 * cin * cout];
+            let bias = vec![0.0; cout];
+            let slope = vec![0.1; cout];
+            let act = Act {
+                slope: Some(&slope),
+                cap: None,
+            };
+            let g = (3, 3, stride, 1, 1);
+            let macs = ho
+                * wo
+                * cout
+                * 9
+                * if name == "grouped" {
+                    2
+                } else {
+                    cin.min(cout) / cout.min(cin) * if cin == 3 { 3 } else { 1 }
+                };
+            let mut out = vec![0f32; ho * wo * cout];
+            for isa in Isa::available() {
+                let mut best = f64::MAX;
+                for _ in 0..20 {
+                    let t = std::time::Instant::now();
+                    for (oy, o) in out.chunks_mut(wo * cout).enumerate() {
+                        match name {
+                            "stem" => dense_row(isa, o, &x, (h, w, cin), oy, &wt, &bias, act, g),
+                            "grouped" => grouped2_row(
+                                isa,
+                                o,
+                                &x,
+                                (h, w, cin),
+                                oy,
+                                (&wt[..9 * cin], &wt[9 * cin..18 * cin]),
+                                &bias,
+                                act,
+                                g,
+                            ),
+                            _ => depthwise_row(isa, o, &x, (h, w, cin), oy, &wt, &bias, act, g),
+                        }
+                    }
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                println!(
+                    "{name:8} {h:3}x{w:3}x{cin:4}->{cout:4} s{stride} {isa:?}: {:7.1} us, {:5.1} GMAC/s",
+                    best * 1e6,
+                    macs as f64 / best / 1e9
+                );
+            }
+        }
+    }
+}

@@ -1,13 +1,12 @@
 //! AVX-512 row kernels for the window convs: 3x3 depthwise, 3x3 grouped with two
 //! channels per group, and dense convs such as the stem.
 //!
-//! The depthwise and grouped kernels walk the channels in blocks of 16 (one register)
-//! and keep all nine taps' weights of a block in registers while they sweep the row, so
-//! that the inner loop is one load and one FMA per tap. Window rows that fall outside the
-//! image get zero weights (and read a real row), so the rows need no branches; the few
-//! output columns whose window crosses the left or right edge take a checked path and the
-//! rest go through an unchecked one that computes several columns at once, to keep enough
-//! independent accumulators in flight to cover the FMA latency.
+//! The depthwise and grouped kernels compute tiles of up to 8 output columns, one block
+//! of 16 channels (one register) at a time, with the block's nine taps' weights in
+//! registers: each input register is loaded once per window row and used by every
+//! column of the tile whose window holds it. Window rows that fall outside the image get
+//! zero weights (and read a real row), so the rows need no branches; the few output
+//! columns whose window crosses the left or right edge take a checked path.
 //!
 //! The dense kernel is a small matrix product per output row: [`PIXELS`] output columns
 //! times four registers of output channels, each input value broadcast against the
@@ -125,8 +124,8 @@ fn window_rows(
 ///
 /// # Safety
 /// The CPU has AVX-512F; `input` is `h x w x c`, `out` is `wo x c` with `wo` the row's
-/// output width, `weights` is `[3][3][c]`, `bias` and the slopes hold `c`, `stride` is 1
-/// or 2 and `pw < 3`.
+/// output width, `weights` is `[3][3][c]`, `bias` and the slopes hold `c`, and `stride`
+/// is 1 or 2.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn depthwise3_row(
@@ -140,158 +139,19 @@ pub(super) unsafe fn depthwise3_row(
     (stride, ph, pw): (usize, usize, usize),
 ) {
     debug_assert!(input.len() >= h * w * c && weights.len() >= 9 * c && bias.len() >= c);
-    let wo = out.len() / c;
-    let (rows, inside) = window_rows(oy, stride, ph, h, w * c);
-    let g = Row {
-        out: out.as_mut_ptr(),
-        input: input.as_ptr(),
-        rows,
-        inside,
-        c,
-        w,
-        wo,
-        pw,
-        cap: act.cap.map(|v| _mm512_set1_ps(v)),
-    };
-    let mut cb = 0;
-    while cb < c {
-        let m = lanes(c - cb);
-        let slope = act.slope.map(|a| a.as_ptr().add(cb));
-        let (wt, b) = (weights.as_ptr().add(cb), bias.as_ptr().add(cb));
-        match (c - cb >= L, stride) {
-            (true, 1) => dw_block::<true, 1>(&g, cb, m, wt, b, slope),
-            (true, _) => dw_block::<true, 2>(&g, cb, m, wt, b, slope),
-            (false, 1) => dw_block::<false, 1>(&g, cb, m, wt, b, slope),
-            (false, _) => dw_block::<false, 2>(&g, cb, m, wt, b, slope),
-        }
-        cb += L;
-    }
-}
-
-/// What the per-block loops of a 3x3 row need: pointers, the window rows and sizes.
-struct Row {
-    out: *mut f32,
-    input: *const f32,
-    /// Offsets of the three window rows in `input`.
-    rows: [usize; 3],
-    inside: [bool; 3],
-    c: usize,
-    w: usize,
-    wo: usize,
-    pw: usize,
-    cap: Option<__m512>,
-}
-
-/// One block of 16 channels (masked by `m` unless `FULL`) across the whole output row.
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn dw_block<const FULL: bool, const S: usize>(
-    g: &Row,
-    cb: usize,
-    m: __mmask16,
-    wt: *const f32,
-    b: *const f32,
-    slope: Option<*const f32>,
-) {
-    let c = g.c;
-    let mut wv = [[_mm512_setzero_ps(); 3]; 3];
-    for ky in 0..3 {
-        if g.inside[ky] {
-            for kx in 0..3 {
-                wv[ky][kx] = ld::<FULL>(wt.add((ky * 3 + kx) * c), m);
-            }
-        }
-    }
-    let bias = ld::<FULL>(b, m);
-    let slope = slope.map(|a| ld::<FULL>(a, m));
-    let rows = [
-        g.input.add(g.rows[0] + cb),
-        g.input.add(g.rows[1] + cb),
-        g.input.add(g.rows[2] + cb),
-    ];
-    let out = g.out.add(cb);
-    let (lo, hi) = interior(g.wo, g.w, 3, S, g.pw);
-
-    // A column whose window may cross the edge: only the taps inside.
-    let edge = |ox: usize| {
-        let ix0 = (ox * S) as isize - g.pw as isize;
-        let mut acc = [bias, _mm512_setzero_ps(), _mm512_setzero_ps()];
-        for ky in 0..3 {
-            for kx in 0..3 {
-                let ix = ix0 + kx as isize;
-                if (0..g.w as isize).contains(&ix) {
-                    let x = ld::<FULL>(rows[ky].add(ix as usize * c), m);
-                    acc[ky] = _mm512_fmadd_ps(x, wv[ky][kx], acc[ky]);
-                }
-            }
-        }
-        let v = _mm512_add_ps(acc[0], _mm512_add_ps(acc[1], acc[2]));
-        st::<FULL>(out.add(ox * c), m, finish(v, slope, g.cap));
-    };
-
-    for ox in 0..lo {
-        edge(ox);
-    }
-    let mut ox = lo;
-    while ox + 8 <= hi {
-        dw_cols::<FULL, S, 8>(&rows, out, c, m, ox, g.pw, &wv, bias, slope, g.cap);
-        ox += 8;
-    }
-    if ox + 4 <= hi {
-        dw_cols::<FULL, S, 4>(&rows, out, c, m, ox, g.pw, &wv, bias, slope, g.cap);
-        ox += 4;
-    }
-    while ox < hi {
-        dw_cols::<FULL, S, 1>(&rows, out, c, m, ox, g.pw, &wv, bias, slope, g.cap);
-        ox += 1;
-    }
-    for ox in hi.max(lo)..g.wo {
-        edge(ox);
-    }
-}
-
-/// `N` interior output columns from `ox` of one channel block, no bounds checks.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn dw_cols<const FULL: bool, const S: usize, const N: usize>(
-    rows: &[*const f32; 3],
-    out: *mut f32,
-    c: usize,
-    m: __mmask16,
-    ox: usize,
-    pw: usize,
-    wv: &[[__m512; 3]; 3],
-    bias: __m512,
-    slope: Option<__m512>,
-    cap: Option<__m512>,
-) {
-    let ix0 = ox * S - pw;
-    if N == 1 {
-        // One column: a partial sum per window row, to shorten the dependency chain.
-        let mut acc = [bias, _mm512_setzero_ps(), _mm512_setzero_ps()];
-        for ky in 0..3 {
-            for kx in 0..3 {
-                let x = ld::<FULL>(rows[ky].add((ix0 + kx) * c), m);
-                acc[ky] = _mm512_fmadd_ps(x, wv[ky][kx], acc[ky]);
-            }
-        }
-        let v = _mm512_add_ps(acc[0], _mm512_add_ps(acc[1], acc[2]));
-        st::<FULL>(out.add(ox * c), m, finish(v, slope, cap));
-        return;
-    }
-    let mut acc = [bias; N];
-    for ky in 0..3 {
-        let r = rows[ky].add(ix0 * c);
-        for kx in 0..3 {
-            let wk = wv[ky][kx];
-            for (j, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(ld::<FULL>(r.add((S * j + kx) * c), m), wk, *a);
-            }
-        }
-    }
-    for (j, a) in acc.iter().enumerate() {
-        st::<FULL>(out.add((ox + j) * c), m, finish(*a, slope, cap));
+    let g = Row::new(
+        out,
+        input,
+        (h, w, c),
+        oy,
+        [weights, weights],
+        bias,
+        act,
+        (stride, ph, pw),
+    );
+    match stride {
+        1 => row::<1, 1>(&g),
+        _ => row::<1, 2>(&g),
     }
 }
 
@@ -320,133 +180,240 @@ pub(super) unsafe fn grouped2_3_row(
 ) {
     debug_assert!(input.len() >= h * w * c && w0.len() >= 9 * c && w1.len() >= 9 * c);
     debug_assert!(c.is_multiple_of(2) && bias.len() >= c);
-    let wo = out.len() / c;
-    let (rows, inside) = window_rows(oy, stride, ph, h, w * c);
-    let g = Row {
-        out: out.as_mut_ptr(),
-        input: input.as_ptr(),
-        rows,
-        inside,
-        c,
-        w,
-        wo,
-        pw,
-        cap: act.cap.map(|v| _mm512_set1_ps(v)),
-    };
-    let mut cb = 0;
-    while cb < c {
-        let m = lanes(c - cb);
-        let slope = act.slope.map(|a| a.as_ptr().add(cb));
-        let wt = (w0.as_ptr().add(cb), w1.as_ptr().add(cb));
-        let b = bias.as_ptr().add(cb);
-        match (c - cb >= L, stride) {
-            (true, 1) => g2_block::<true, 1>(&g, cb, m, wt, b, slope),
-            (true, _) => g2_block::<true, 2>(&g, cb, m, wt, b, slope),
-            (false, 1) => g2_block::<false, 1>(&g, cb, m, wt, b, slope),
-            (false, _) => g2_block::<false, 2>(&g, cb, m, wt, b, slope),
+    let g = Row::new(
+        out,
+        input,
+        (h, w, c),
+        oy,
+        [w0, w1],
+        bias,
+        act,
+        (stride, ph, pw),
+    );
+    match stride {
+        1 => row::<2, 1>(&g),
+        _ => row::<2, 2>(&g),
+    }
+}
+
+/// What the loops of a 3x3 row need: pointers, the window rows and sizes.
+struct Row {
+    out: *mut f32,
+    /// The three window rows in the input; one outside the image points at a real row.
+    rows: [*const f32; 3],
+    inside: [bool; 3],
+    /// The weights (`[3][3][c]`) per input channel of a group.
+    weights: [*const f32; 2],
+    bias: *const f32,
+    slope: Option<*const f32>,
+    cap: Option<__m512>,
+    c: usize,
+    w: usize,
+    wo: usize,
+    pw: usize,
+}
+
+impl Row {
+    /// The pointers and sizes for output row `oy`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn new(
+        out: &mut [f32],
+        input: &[f32],
+        (h, w, c): (usize, usize, usize),
+        oy: usize,
+        weights: [&[f32]; 2],
+        bias: &[f32],
+        act: Act,
+        (stride, ph, pw): (usize, usize, usize),
+    ) -> Self {
+        let (at, inside) = window_rows(oy, stride, ph, h, w * c);
+        let x = input.as_ptr();
+        Row {
+            out: out.as_mut_ptr(),
+            rows: [x.add(at[0]), x.add(at[1]), x.add(at[2])],
+            inside,
+            weights: [weights[0].as_ptr(), weights[1].as_ptr()],
+            bias: bias.as_ptr(),
+            slope: act.slope.map(|a| a.as_ptr()),
+            cap: act.cap.map(|v| _mm512_set1_ps(v)),
+            c,
+            w,
+            wo: out.len() / c,
+            pw,
         }
+    }
+}
+
+/// A whole output row, `G` input channels per group (1: depthwise, 2: pairs), stride
+/// `S`. Columns go in tiles, and each tile runs through all the channel blocks before
+/// the next: the input it reads is then contiguous, and the tiles' FMA chains are
+/// independent for the out-of-order core to overlap. (Sweeping a row per channel block
+/// instead reads one line every `4 c` bytes, which with `c` of 512 or more lands every
+/// load in the same few cache sets.)
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn row<const G: usize, const S: usize>(g: &Row) {
+    let (lo, hi) = interior(g.wo, g.w, 3, S, g.pw);
+    for ox in 0..lo {
+        blocks(g, |cb, m, full| edge::<G, S>(g, ox, cb, m, full));
+    }
+    let mut ox = lo;
+    while ox + 8 <= hi {
+        blocks(g, |cb, m, full| cols_any::<G, S, 8>(g, ox, cb, m, full));
+        ox += 8;
+    }
+    if ox + 4 <= hi {
+        blocks(g, |cb, m, full| cols_any::<G, S, 4>(g, ox, cb, m, full));
+        ox += 4;
+    }
+    while ox < hi {
+        blocks(g, |cb, m, full| cols_any::<G, S, 1>(g, ox, cb, m, full));
+        ox += 1;
+    }
+    for ox in hi.max(lo)..g.wo {
+        blocks(g, |cb, m, full| edge::<G, S>(g, ox, cb, m, full));
+    }
+}
+
+/// Calls `f(first channel, lane mask, whether the block is full)` for each block of 16
+/// channels.
+#[inline(always)]
+fn blocks(g: &Row, mut f: impl FnMut(usize, __mmask16, bool)) {
+    let mut cb = 0;
+    while cb < g.c {
+        f(cb, lanes(g.c - cb), g.c - cb >= L);
         cb += L;
     }
 }
 
-/// [`dw_block`] for the two-channel groups.
+/// The weights of channel block `cb`, `[ci][ky][kx]`, zero for window rows outside.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn g2_block<const FULL: bool, const S: usize>(
-    g: &Row,
-    cb: usize,
-    m: __mmask16,
-    (w0, w1): (*const f32, *const f32),
-    b: *const f32,
-    slope: Option<*const f32>,
-) {
-    let c = g.c;
-    let mut wv = [[[_mm512_setzero_ps(); 3]; 3]; 2];
-    for ky in 0..3 {
-        if g.inside[ky] {
-            for kx in 0..3 {
-                wv[0][ky][kx] = ld::<FULL>(w0.add((ky * 3 + kx) * c), m);
-                wv[1][ky][kx] = ld::<FULL>(w1.add((ky * 3 + kx) * c), m);
-            }
-        }
-    }
-    let bias = ld::<FULL>(b, m);
-    let slope = slope.map(|a| ld::<FULL>(a, m));
-    let rows = [
-        g.input.add(g.rows[0] + cb),
-        g.input.add(g.rows[1] + cb),
-        g.input.add(g.rows[2] + cb),
-    ];
-    let out = g.out.add(cb);
-    let (lo, hi) = interior(g.wo, g.w, 3, S, g.pw);
-
-    let edge = |ox: usize| {
-        let ix0 = (ox * S) as isize - g.pw as isize;
-        let mut acc = [bias, _mm512_setzero_ps()];
+unsafe fn taps<const G: usize>(g: &Row, cb: usize, m: __mmask16) -> [[[__m512; 3]; 3]; G] {
+    let mut wv = [[[_mm512_setzero_ps(); 3]; 3]; G];
+    for ci in 0..G {
         for ky in 0..3 {
+            let mk = if g.inside[ky] { m } else { 0 };
             for kx in 0..3 {
-                let ix = ix0 + kx as isize;
-                if (0..g.w as isize).contains(&ix) {
-                    let x = ld::<FULL>(rows[ky].add(ix as usize * c), m);
-                    acc[0] = _mm512_fmadd_ps(_mm512_moveldup_ps(x), wv[0][ky][kx], acc[0]);
-                    acc[1] = _mm512_fmadd_ps(_mm512_movehdup_ps(x), wv[1][ky][kx], acc[1]);
-                }
+                wv[ci][ky][kx] =
+                    _mm512_maskz_loadu_ps(mk, g.weights[ci].add((ky * 3 + kx) * g.c + cb));
             }
         }
-        let v = _mm512_add_ps(acc[0], acc[1]);
-        st::<FULL>(out.add(ox * c), m, finish(v, slope, g.cap));
-    };
+    }
+    wv
+}
 
-    for ox in 0..lo {
-        edge(ox);
-    }
-    let mut ox = lo;
-    while ox + 4 <= hi {
-        g2_cols::<FULL, S, 4>(&rows, out, c, m, ox, g.pw, &wv, bias, slope, g.cap);
-        ox += 4;
-    }
-    while ox < hi {
-        g2_cols::<FULL, S, 1>(&rows, out, c, m, ox, g.pw, &wv, bias, slope, g.cap);
-        ox += 1;
-    }
-    for ox in hi.max(lo)..g.wo {
-        edge(ox);
+/// Input register `x` as the lanes that input channel `ci` of each lane's group feeds:
+/// itself for a depthwise conv, its even or its odd lanes duplicated for pairs.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn spread<const G: usize>(x: __m512, ci: usize) -> __m512 {
+    match (G, ci) {
+        (1, _) => x,
+        (_, 0) => _mm512_moveldup_ps(x),
+        _ => _mm512_movehdup_ps(x),
     }
 }
 
-/// [`dw_cols`] for the two-channel groups: `N` columns, each with one accumulator per
-/// input channel of the group.
-#[allow(clippy::too_many_arguments)]
+/// Sums the per-input accumulators of a column, applies the activation and stores it.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn g2_cols<const FULL: bool, const S: usize, const N: usize>(
-    rows: &[*const f32; 3],
-    out: *mut f32,
-    c: usize,
-    m: __mmask16,
+unsafe fn put<const FULL: bool>(g: &Row, ox: usize, cb: usize, m: __mmask16, parts: &[__m512]) {
+    let mut v = parts[0];
+    for p in &parts[1..] {
+        v = _mm512_add_ps(v, *p);
+    }
+    let slope = g.slope.map(|a| ld::<FULL>(a.add(cb), m));
+    st::<FULL>(g.out.add(ox * g.c + cb), m, finish(v, slope, g.cap));
+}
+
+/// A column whose window may cross the left or right edge: only the taps inside.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn edge<const G: usize, const S: usize>(
+    g: &Row,
     ox: usize,
-    pw: usize,
-    wv: &[[[__m512; 3]; 3]; 2],
-    bias: __m512,
-    slope: Option<__m512>,
-    cap: Option<__m512>,
+    cb: usize,
+    m: __mmask16,
+    full: bool,
 ) {
-    let ix0 = ox * S - pw;
-    let mut even = [bias; N];
-    let mut odd = [_mm512_setzero_ps(); N];
+    let wv = taps::<G>(g, cb, m);
+    let ix0 = (ox * S) as isize - g.pw as isize;
+    let mut acc = [_mm512_setzero_ps(); G];
+    acc[0] = _mm512_maskz_loadu_ps(m, g.bias.add(cb));
     for ky in 0..3 {
-        let r = rows[ky].add(ix0 * c);
         for kx in 0..3 {
-            for j in 0..N {
-                let x = ld::<FULL>(r.add((S * j + kx) * c), m);
-                even[j] = _mm512_fmadd_ps(_mm512_moveldup_ps(x), wv[0][ky][kx], even[j]);
-                odd[j] = _mm512_fmadd_ps(_mm512_movehdup_ps(x), wv[1][ky][kx], odd[j]);
+            let ix = ix0 + kx as isize;
+            if (0..g.w as isize).contains(&ix) {
+                let x = _mm512_maskz_loadu_ps(m, g.rows[ky].add(ix as usize * g.c + cb));
+                for ci in 0..G {
+                    acc[ci] = _mm512_fmadd_ps(spread::<G>(x, ci), wv[ci][ky][kx], acc[ci]);
+                }
             }
         }
     }
-    for j in 0..N {
-        let v = _mm512_add_ps(even[j], odd[j]);
-        st::<FULL>(out.add((ox + j) * c), m, finish(v, slope, cap));
+    if full {
+        put::<true>(g, ox, cb, m, &acc)
+    } else {
+        put::<false>(g, ox, cb, m, &acc)
+    }
+}
+
+/// [`cols`] for a full or a partial channel block.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn cols_any<const G: usize, const S: usize, const N: usize>(
+    g: &Row,
+    ox: usize,
+    cb: usize,
+    m: __mmask16,
+    full: bool,
+) {
+    if full {
+        cols::<true, G, S, N>(g, ox, cb, m)
+    } else {
+        cols::<false, G, S, N>(g, ox, cb, m)
+    }
+}
+
+/// `N` interior output columns from `ox` of channel block `cb`, no bounds checks. Each
+/// input register is loaded once per window row and fed at once to every column whose
+/// window holds it, so few registers are live: the weights, `N x G` accumulators and it.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn cols<const FULL: bool, const G: usize, const S: usize, const N: usize>(
+    g: &Row,
+    ox: usize,
+    cb: usize,
+    m: __mmask16,
+) {
+    let c = g.c;
+    let wv = taps::<G>(g, cb, m);
+    let ix0 = ox * S - g.pw;
+    let mut acc = [[_mm512_setzero_ps(); G]; N];
+    let bias = ld::<FULL>(g.bias.add(cb), m);
+    for a in acc.iter_mut() {
+        a[0] = bias;
+    }
+    for ky in 0..3 {
+        let r = g.rows[ky].add(ix0 * c + cb);
+        for col in 0..S * (N - 1) + 3 {
+            let x = ld::<FULL>(r.add(col * c), m);
+            for j in 0..N {
+                if col >= S * j && col - S * j < 3 {
+                    let kx = col - S * j;
+                    for ci in 0..G {
+                        acc[j][ci] =
+                            _mm512_fmadd_ps(spread::<G>(x, ci), wv[ci][ky][kx], acc[j][ci]);
+                    }
+                }
+            }
+        }
+    }
+    for (j, a) in acc.iter().enumerate() {
+        put::<FULL>(g, ox + j, cb, m, a);
     }
 }
 
