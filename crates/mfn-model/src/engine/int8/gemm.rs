@@ -648,7 +648,7 @@ mod speed {
     /// an f32 AVX2 kernel of the same design (the baseline of the int8 AVX2 path), on
     /// w600k_mbf's pointwise shapes (rows of one 112x112 image, a batch of 4 for the 7x7
     /// maps, and the embedding layer): `cargo test --release -p mfn-model int8 --
-    /// --ignored --nocapture`. Each rate is the best of many short runs, which is what
+    /// --ignored --nocapture --test-threads=1`. Each rate is the best of many short runs, which is what
     /// survives other work on a shared machine.
     #[test]
     #[ignore]
