@@ -304,12 +304,9 @@ pub(crate) fn matmul(out: &mut [f32], a: &[u8], rows: usize, w: &QWeights, ep: Q
     }
 }
 
-/// The epilogue on one row of finished accumulators `acc` (columns `c0..c0 + acc.len()`
-/// of output row `r`), for the portable kernel and the vector kernels' ragged edges.
-pub(super) fn epilogue_scalar(out: &mut [f32], acc: &[i32], ep: &QEpilogue, r: usize, c0: usize) {
-    let n = ep.scale.len();
-    for (j, (o, &v)) in out.iter_mut().zip(acc).enumerate() {
-        let c = c0 + j;
+/// The epilogue on output row `r` (of `n` columns) from its finished accumulators `acc`.
+fn epilogue_row(out: &mut [f32], acc: &[i32], ep: &QEpilogue, r: usize, n: usize) {
+    for (c, (o, &v)) in out.iter_mut().zip(acc).enumerate() {
         let mut y = v as f32 * ep.scale[c] + ep.offset[c];
         if let Some(s) = ep.slope {
             y = y.max(0.0) + s[c] * y.min(0.0);
@@ -337,10 +334,6 @@ fn portable(
     w: &[i8],
     ep: QEpilogue,
 ) {
-    let ep = QEpilogue {
-        scale: &ep.scale[..n],
-        ..ep
-    };
     let mut acc = vec![0i32; n];
     for r in 0..rows {
         acc.fill(0);
@@ -350,7 +343,7 @@ fn portable(
                 *s += x * i32::from(v);
             }
         }
-        epilogue_scalar(&mut out[r * n..(r + 1) * n], &acc, &ep, r, 0);
+        epilogue_row(&mut out[r * n..(r + 1) * n], &acc, &ep, r, n);
     }
 }
 
