@@ -52,9 +52,9 @@ unsafe fn dot<T, const R: usize, const V: usize>(
             let mut bv = [_mm256_setzero_si256(); V];
             for (v, w) in bv.iter_mut().enumerate() {
                 *w = if size_of::<T>() == 1 {
-                    _mm256_cvtepi8_epi16(_mm_load_si128(bp.add(v * 16).cast()))
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(bp.add(v * 16).cast()))
                 } else {
-                    _mm256_load_si256(bp.add(v * 16).cast())
+                    _mm256_loadu_si256(bp.add(v * 16).cast())
                 };
             }
             for (r, row) in acc.iter_mut().enumerate() {
@@ -74,9 +74,10 @@ unsafe fn dot<T, const R: usize, const V: usize>(
 /// panel's first column `col0`; `residual` likewise).
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; `a` holds `R` rows of `ks`, `b` holds the panel, aligned
-/// to 16 times the size of `T`, with `stride >= V * 8`; `out` and `residual` hold `R` rows of `n` from which
-/// `cols <= V * 8` columns are in bounds, and `ep`'s per-column vectors `col0 + cols`.
+/// The CPU has AVX2 and FMA; `a` holds `R` rows of `ks`; `b` holds the panel, with
+/// `stride >= V * 8` (best aligned to 16 times the size of `T`, which the loads do not
+/// need); `out` and `residual` hold `R` rows of `n` from which `cols <= V * 8` columns are
+/// in bounds, and `ep`'s per-column vectors `col0 + cols`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -174,8 +175,8 @@ unsafe fn widen(dst: &mut [i16], src: &[u8]) {
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `out` holds `rows x n`, `a` `rows x ks` with `ks` even, `w`
-/// the packed panels of a `ks x n` matrix starting aligned to 16 times the size of `T`, `ep`'s vectors `n`
-/// values and its residual `rows x n`.
+/// the packed panels of a `ks x n` matrix, `ep`'s vectors `n` values and its residual
+/// `rows x n`.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn matmul<T>(
     out: &mut [f32],

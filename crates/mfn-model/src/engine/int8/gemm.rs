@@ -26,8 +26,8 @@ impl Isa {
     /// Every instruction set, best first.
     pub const ALL: [Isa; 3] = [Isa::Avx512Vnni, Isa::Avx2, Isa::Portable];
 
-    /// The best kernel this CPU runs; checked on each call, which costs a load, so that
-    /// weights built on one machine never meet a kernel it lacks.
+    /// The best kernel this CPU runs. Cheap enough to call per product: std caches the
+    /// feature checks.
     pub fn detect() -> Isa {
         Isa::ALL
             .into_iter()
@@ -81,7 +81,7 @@ pub(crate) struct QWeights {
 }
 
 /// The weights as one kernel reads them.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 enum Layout {
     /// `[k][n]`, row-major, for the portable loop.
     Plain(Vec<i8>),
@@ -101,6 +101,44 @@ enum Layout {
     /// 16-byte aligned.
     #[cfg(target_arch = "x86_64")]
     Avx2Narrow { data: Vec<i8>, offset: usize },
+}
+
+/// A clone's buffer is a new allocation, so its panels are moved to that allocation's
+/// aligned offset. (The kernels' loads do not need the alignment; it keeps each weight
+/// vector in one cache line.)
+impl Clone for Layout {
+    fn clone(&self) -> Self {
+        match self {
+            Layout::Plain(w) => Layout::Plain(w.clone()),
+            #[cfg(target_arch = "x86_64")]
+            Layout::Vnni { data, offset } => {
+                let (data, offset) = realign(data, *offset, 64);
+                Layout::Vnni { data, offset }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Layout::Avx2 { data, offset } => {
+                let (data, offset) = realign(data, *offset, 32);
+                Layout::Avx2 { data, offset }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Layout::Avx2Narrow { data, offset } => {
+                let (data, offset) = realign(data, *offset, 16);
+                Layout::Avx2Narrow { data, offset }
+            }
+        }
+    }
+}
+
+/// A copy of packed `data` whose panels start at `offset`, with the panels moved to the
+/// copy's first `align`-byte boundary, as [`pack`] places them.
+#[cfg(target_arch = "x86_64")]
+fn realign<T: Copy + Default>(data: &[T], offset: usize, align: usize) -> (Vec<T>, usize) {
+    let slack = align / std::mem::size_of::<T>();
+    let len = data.len() - slack;
+    let mut copy = vec![T::default(); data.len()];
+    let at = copy.as_ptr().align_offset(align).min(slack);
+    copy[at..at + len].copy_from_slice(&data[offset..offset + len]);
+    (copy, at)
 }
 
 /// `(first column, columns)` of each `panel`-wide slice of an `n`-column matrix.
@@ -607,6 +645,36 @@ mod tests {
         assert!(matches!(w.layout, Layout::Avx2Narrow { .. }));
         let w = QWeights::for_isa(Isa::Avx2, &vec![1; 1155 * 70], 1155, 70);
         assert!(matches!(w.layout, Layout::Avx2 { .. }));
+    }
+
+    /// A clone lives in a new allocation, with its panels realigned.
+    #[test]
+    fn clones_compute_the_same() {
+        let mut rng = Rng::new(11);
+        let (rows, k, n) = (5, 70, 90);
+        let wt = rng.i8s(k * n);
+        for isa in supported() {
+            let w = QWeights::for_isa(isa, &wt, k, n);
+            let a = rng.u8s(rows * w.k_stride());
+            let c = w.clone();
+            drop(w);
+            let ones = vec![1f32; n];
+            let zeros = vec![0f32; n];
+            let ep = QEpilogue {
+                scale: &ones,
+                offset: &zeros,
+                slope: None,
+                cap: None,
+                residual: None,
+            };
+            let mut out = vec![0f32; rows * n];
+            matmul(&mut out, &a, rows, &c, ep);
+            let want = reference(&a, c.k_stride(), &wt, rows, k, n);
+            assert!(
+                out.iter().zip(&want).all(|(&y, &w)| y == w as f32),
+                "{isa:?}"
+            );
+        }
     }
 
     #[test]

@@ -31,9 +31,10 @@ fn lanes(cols: usize) -> __mmask16 {
 /// first column `col0`; `residual` likewise).
 ///
 /// # Safety
-/// The CPU has AVX-512F/BW/VNNI; `a` holds `R` rows of `ks`, `b` holds the panel, 64-byte
-/// aligned, with `stride >= V * 16`; `out` and `residual` hold `R` rows of `n` from which
-/// `cols <= V * 16` columns are in bounds, and `ep`'s per-column vectors `col0 + cols`.
+/// The CPU has AVX-512F/BW/VNNI; `a` holds `R` rows of `ks`; `b` holds the panel, with
+/// `stride >= V * 16` (best 64-byte aligned, which the loads do not need); `out` and
+/// `residual` hold `R` rows of `n` from which `cols <= V * 16` columns are in bounds, and
+/// `ep`'s per-column vectors `col0 + cols`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
@@ -57,7 +58,7 @@ unsafe fn tile<const R: usize, const V: usize>(
             let bp = b.add(g * stride * 4);
             let mut bv = [_mm512_setzero_si512(); V];
             for (v, w) in bv.iter_mut().enumerate() {
-                *w = _mm512_load_si512(bp.add(v * 64).cast());
+                *w = _mm512_loadu_si512(bp.add(v * 64).cast());
             }
             for (r, row) in acc.iter_mut().enumerate() {
                 let x = _mm512_set1_epi32(a.add(r * ks + g * 4).cast::<i32>().read_unaligned());
@@ -105,7 +106,7 @@ unsafe fn tile<const R: usize, const V: usize>(
 ///
 /// # Safety
 /// The CPU has AVX-512F/BW/VNNI; `out` holds `rows x n`, `a` `rows x ks` with `ks` a
-/// multiple of 4, `w` the packed panels of a `ks x n` matrix starting 64-byte aligned,
+/// multiple of 4, `w` the packed panels of a `ks x n` matrix,
 /// `ep`'s vectors `n` values and its residual `rows x n`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn matmul(
