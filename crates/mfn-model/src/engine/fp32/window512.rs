@@ -268,11 +268,9 @@ unsafe fn row<const G: usize, const S: usize>(g: &Row) {
         blocks(g, |cb, m, full| cols_any::<G, S, 4>(g, ox, cb, m, full));
         ox += 4;
     }
-    while ox < hi {
-        blocks(g, |cb, m, full| cols_any::<G, S, 1>(g, ox, cb, m, full));
-        ox += 1;
-    }
-    for ox in hi.max(lo)..g.wo {
+    // The last few columns, and those whose window crosses the right edge, one at a
+    // time: the edge path's per-row partial sums suit a lone column.
+    for ox in ox.max(lo)..g.wo {
         blocks(g, |cb, m, full| edge::<G, S>(g, ox, cb, m, full));
     }
 }
@@ -288,17 +286,23 @@ fn blocks(g: &Row, mut f: impl FnMut(usize, __mmask16, bool)) {
     }
 }
 
-/// The weights of channel block `cb`, `[ci][ky][kx]`, zero for window rows outside.
+/// The weights of channel block `cb`, `[ci][ky][kx]`, zero for window rows outside the
+/// image and for the window columns `kx` where `cols_in[kx]` is false.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn taps<const G: usize>(g: &Row, cb: usize, m: __mmask16) -> [[[__m512; 3]; 3]; G] {
+unsafe fn taps<const G: usize>(
+    g: &Row,
+    cb: usize,
+    m: __mmask16,
+    cols_in: [bool; 3],
+) -> [[[__m512; 3]; 3]; G] {
     let mut wv = [[[_mm512_setzero_ps(); 3]; 3]; G];
     for ci in 0..G {
         for ky in 0..3 {
-            let mk = if g.inside[ky] { m } else { 0 };
             for kx in 0..3 {
-                wv[ci][ky][kx] =
-                    _mm512_maskz_loadu_ps(mk, g.weights[ci].add((ky * 3 + kx) * g.c + cb));
+                let mk = if g.inside[ky] && cols_in[kx] { m } else { 0 };
+                let at = g.weights[ci].add((ky * 3 + kx) * g.c + cb);
+                wv[ci][ky][kx] = _mm512_maskz_loadu_ps(mk, at);
             }
         }
     }
@@ -329,7 +333,9 @@ unsafe fn put<const FULL: bool>(g: &Row, ox: usize, cb: usize, m: __mmask16, par
     st::<FULL>(g.out.add(ox * g.c + cb), m, finish(v, slope, g.cap));
 }
 
-/// A column whose window may cross the left or right edge: only the taps inside.
+/// A column whose window may cross the left or right edge. The taps outside get zero
+/// weights and read the nearest column inside, so the loop has no branches; each window
+/// row has its own accumulator, to shorten the chain of dependent FMAs.
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn edge<const G: usize, const S: usize>(
@@ -339,25 +345,36 @@ unsafe fn edge<const G: usize, const S: usize>(
     m: __mmask16,
     full: bool,
 ) {
-    let wv = taps::<G>(g, cb, m);
     let ix0 = (ox * S) as isize - g.pw as isize;
-    let mut acc = [_mm512_setzero_ps(); G];
-    acc[0] = _mm512_maskz_loadu_ps(m, g.bias.add(cb));
+    let mut at = [0usize; 3];
+    let mut cols_in = [false; 3];
+    for kx in 0..3 {
+        let ix = ix0 + kx as isize;
+        cols_in[kx] = (0..g.w as isize).contains(&ix);
+        at[kx] = ix.clamp(0, g.w as isize - 1) as usize * g.c + cb;
+    }
+    let wv = taps::<G>(g, cb, m, cols_in);
+    let mut acc = [[_mm512_setzero_ps(); G]; 3];
+    acc[0][0] = _mm512_maskz_loadu_ps(m, g.bias.add(cb));
     for ky in 0..3 {
         for kx in 0..3 {
-            let ix = ix0 + kx as isize;
-            if (0..g.w as isize).contains(&ix) {
-                let x = _mm512_maskz_loadu_ps(m, g.rows[ky].add(ix as usize * g.c + cb));
-                for ci in 0..G {
-                    acc[ci] = _mm512_fmadd_ps(spread::<G>(x, ci), wv[ci][ky][kx], acc[ci]);
-                }
+            let x = _mm512_maskz_loadu_ps(m, g.rows[ky].add(at[kx]));
+            for ci in 0..G {
+                acc[ky][ci] = _mm512_fmadd_ps(spread::<G>(x, ci), wv[ci][ky][kx], acc[ky][ci]);
             }
         }
     }
+    let mut parts = [_mm512_setzero_ps(); 3];
+    for (p, a) in parts.iter_mut().zip(&acc) {
+        *p = a[0];
+        for v in &a[1..] {
+            *p = _mm512_add_ps(*p, *v);
+        }
+    }
     if full {
-        put::<true>(g, ox, cb, m, &acc)
+        put::<true>(g, ox, cb, m, &parts)
     } else {
-        put::<false>(g, ox, cb, m, &acc)
+        put::<false>(g, ox, cb, m, &parts)
     }
 }
 
@@ -390,7 +407,7 @@ unsafe fn cols<const FULL: bool, const G: usize, const S: usize, const N: usize>
     m: __mmask16,
 ) {
     let c = g.c;
-    let wv = taps::<G>(g, cb, m);
+    let wv = taps::<G>(g, cb, m, [true; 3]);
     let ix0 = ox * S - g.pw;
     let mut acc = [[_mm512_setzero_ps(); G]; N];
     let bias = ld::<FULL>(g.bias.add(cb), m);
