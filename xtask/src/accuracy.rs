@@ -102,9 +102,23 @@ struct Entry {
     /// Fast enough for `--quick`.
     #[serde(default)]
     quick: bool,
+    /// Run the CPU engine in int8, calibrated on these faces (after any int8 half the
+    /// model file has is dropped, so that the entry always measures this calibration).
+    #[serde(default)]
+    int8: Option<Int8Calibration>,
     /// Free text for readers of the file.
     #[serde(default, rename = "note")]
     _note: Option<String>,
+}
+
+/// The faces an int8 entry calibrates on.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+struct Int8Calibration {
+    /// A folder of aligned faces, relative to the assets folder.
+    calib: PathBuf,
+    /// How many of its faces (see `mfn_data::calibration`).
+    images: usize,
 }
 
 /// A model: a path relative to the assets folder, or a registry model (`{"registry":
@@ -200,7 +214,8 @@ pub fn run(args: Args) -> Result<()> {
         .map(|e| resolve(e, &args, &mut sources, &file))
         .collect::<Result<Vec<_>>>()?;
 
-    let mut scores: HashMap<(PathBuf, DataSet, bool), PairScores> = HashMap::new();
+    type Key = (PathBuf, DataSet, bool, Option<Int8Calibration>);
+    let mut scores: HashMap<Key, PairScores> = HashMap::new();
     let mut thresholds: HashMap<PathBuf, Option<f64>> = HashMap::new();
     let mut failures = Vec::new();
     let mut rows = Vec::new();
@@ -210,9 +225,27 @@ pub fn run(args: Args) -> Result<()> {
     );
     for job in &jobs {
         let e = job.entry;
-        let key = (job.model.clone(), job.data.clone(), e.flip);
+        let key = (job.model.clone(), job.data.clone(), e.flip, e.int8.clone());
         if !scores.contains_key(&key) {
             let (ckpt, model) = eval::load_model(&job.model)?;
+            let model = match &e.int8 {
+                None => model,
+                Some(c) => {
+                    let dir = crate::assets(args.assets.as_deref())?.join(&c.calib);
+                    let model = model.dequantized()?;
+                    let int8 = mfn_data::calibration::calibrate(
+                        &model,
+                        &dir,
+                        c.images,
+                        mfn_model::quant::QuantizeOptions::default(),
+                        |_, _| {},
+                    )
+                    .with_context(|| {
+                        format!("entry `{}`: calibrating on {}", e.name, dir.display())
+                    })?;
+                    model.quantized(&int8)?
+                }
+            };
             let stored = ckpt
                 .metadata
                 .get(THRESHOLD_KEY)
@@ -280,6 +313,7 @@ pub fn run(args: Args) -> Result<()> {
             "model": job.model,
             "data": job.data.path(),
             "flip": e.flip,
+            "precision": if e.int8.is_some() { "int8" } else { "f32" },
             "protocol": e.protocol,
             "accuracy": have,
             "threshold_cosine": threshold,

@@ -58,6 +58,24 @@ pub enum BenchDtype {
     Bf16,
 }
 
+/// `--precision`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum BenchPrecision {
+    /// f32 throughout.
+    F32,
+    /// int8 1x1 convs and embedding layer.
+    Int8,
+}
+
+impl BenchPrecision {
+    fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Int8 => "int8",
+        }
+    }
+}
+
 impl BenchDtype {
     fn dtype(self) -> DType {
         match self {
@@ -138,6 +156,15 @@ pub struct Args {
     /// Precision of the GPU path; f16 and bf16 need --device cuda.
     #[arg(long, value_enum, default_value_t = BenchDtype::F32)]
     dtype: BenchDtype,
+    /// Precision of the CPU engine's 1x1 convs and embedding layer: `int8` uses the
+    /// model's int8 half, or calibrates one on `--calib`; the baseline is then
+    /// `DEVICE-int8.json` [default: f32, even for a model with an int8 half].
+    #[arg(long, value_enum, default_value_t = BenchPrecision::F32)]
+    precision: BenchPrecision,
+    /// Aligned faces to calibrate the int8 half on, when the model has none
+    /// [default: $MFN_ASSETS/lfw/aligned-112x112].
+    #[arg(long, value_name = "DIR")]
+    calib: Option<PathBuf>,
     /// Rewrite the baseline with this run's figures instead of comparing.
     #[arg(long)]
     update_baseline: bool,
@@ -497,6 +524,9 @@ pub fn run(args: Args) -> Result<()> {
             args.dtype.name()
         );
     }
+    if gpu && args.precision == BenchPrecision::Int8 {
+        bail!("--precision int8: the int8 path is the CPU engine's; drop --device cuda");
+    }
     if gpu && !args.threads.is_empty() {
         eprintln!("warning: --threads is ignored with --device cuda");
     }
@@ -509,6 +539,8 @@ pub fn run(args: Args) -> Result<()> {
     let device_name = args.machine_name.clone().unwrap_or_else(|| {
         if gpu {
             format!("{}-cuda-{}", machine.slug(), args.dtype.name())
+        } else if args.precision == BenchPrecision::Int8 {
+            format!("{}-int8", machine.slug())
         } else {
             machine.slug()
         }
@@ -572,7 +604,31 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("loading {}", model_path.display()))?;
     let model = ckpt
         .build_with_dtype(&device, args.dtype.dtype())
-        .with_context(|| format!("building {}", model_path.display()))?;
+        .with_context(|| format!("building {}", model_path.display()))?
+        .dequantized()?;
+    let model = match args.precision {
+        BenchPrecision::F32 => model,
+        BenchPrecision::Int8 => match &ckpt.int8 {
+            Some(int8) => model.quantized(int8)?,
+            None => {
+                let dir = match &args.calib {
+                    Some(d) => d.clone(),
+                    None => crate::assets(None)?.join("lfw/aligned-112x112"),
+                };
+                let n = mfn_model::quant::DEFAULT_CALIBRATION_IMAGES;
+                eprintln!("calibrating int8 on {n} faces of {}", dir.display());
+                let int8 = mfn_data::calibration::calibrate(
+                    &model,
+                    &dir,
+                    n,
+                    mfn_model::quant::QuantizeOptions::default(),
+                    |_, _| {},
+                )
+                .with_context(|| format!("calibrating on {}", dir.display()))?;
+                model.quantized(&int8)?
+            }
+        },
+    };
     let macs = ckpt.config.complexity().macs;
     if let Some(b) = existing.as_ref().filter(|_| !args.update_baseline) {
         if b.macs != macs {
@@ -702,6 +758,7 @@ pub fn run(args: Args) -> Result<()> {
                 "device": device_name,
                 "backend": if gpu { "cuda" } else { "cpu" },
                 "dtype": args.dtype.name(),
+                "precision": args.precision.name(),
                 "gpu": gpu_label,
             }));
             rows.push(row);

@@ -31,6 +31,9 @@ enum Command {
     Embed(commands::embed::Args),
     /// Converts a checkpoint (MXNet, ONNX, PyTorch) to the native safetensors format.
     Convert(commands::convert::Args),
+    /// Calibrates a model on aligned faces and writes it with its int8 half (the CPU
+    /// engine's int8 path).
+    Quantize(commands::quantize::Args),
     /// Finds faces in photos and writes them aligned (ArcFace or SphereFace layout).
     Align(commands::align::Args),
     /// Decides whether two photos show the same person: exit 0 yes, 1 no, 2 error.
@@ -76,6 +79,7 @@ fn main() {
         Command::Eval(args) => commands::eval::run(args).map(|_| 0),
         Command::Embed(args) => commands::embed::run(args).map(|_| 0),
         Command::Convert(args) => commands::convert::run(args).map(|_| 0),
+        Command::Quantize(args) => commands::quantize::run(args).map(|_| 0),
         Command::Align(args) => commands::align::run(args).map(|_| 0),
         Command::Verify(args) => commands::verify::run(args).map(|same| if same { 0 } else { 1 }),
         Command::PackBin(args) => commands::pack_bin::run(args).map(|_| 0),

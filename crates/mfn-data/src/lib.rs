@@ -4,6 +4,7 @@
 pub mod align;
 pub mod assets;
 pub mod bin_set;
+pub mod calibration;
 pub mod dataset;
 mod error;
 pub mod image;

@@ -23,6 +23,7 @@ use candle_nn::VarBuilder;
 use crate::config::Config;
 use crate::import::mxnet;
 use crate::model::MobileFaceNet;
+use crate::quant::{Int8, NativeTensor, INT8_KEY, INT8_PREFIX};
 use crate::{Error, Result};
 
 /// Metadata key of the config JSON.
@@ -52,6 +53,9 @@ pub struct Checkpoint {
     pub metadata: BTreeMap<String, String>,
     /// Where it was read from.
     pub source: PathBuf,
+    /// The int8 half (see [`crate::quant`]): when present, [`Checkpoint::build`] runs the
+    /// CPU engine's matrix products in int8.
+    pub int8: Option<Int8>,
 }
 
 impl Checkpoint {
@@ -89,6 +93,9 @@ impl Checkpoint {
     /// Errors name [`Checkpoint::source`] and the first offending tensor.
     pub fn check(&self) -> Result<()> {
         check_weights(&self.config, &self.tensors, &self.source)?;
+        if let Some(int8) = &self.int8 {
+            int8.check(&self.config, &self.source)?;
+        }
         let needed: std::collections::HashSet<String> = self
             .config
             .plan()
@@ -122,6 +129,7 @@ impl Checkpoint {
                     tensors,
                     metadata,
                     source: path.to_path_buf(),
+                    int8: None,
                 })
             }
             "pt" | "pth" => {
@@ -133,6 +141,7 @@ impl Checkpoint {
                     tensors,
                     metadata,
                     source: path.to_path_buf(),
+                    int8: None,
                 })
             }
             "json" => {
@@ -145,6 +154,7 @@ impl Checkpoint {
                     tensors,
                     metadata,
                     source: path.to_path_buf(),
+                    int8: None,
                 })
             }
             _ => Err(Error::Native {
@@ -163,7 +173,11 @@ impl Checkpoint {
             .map(|(k, v)| Ok((k.clone(), v.to_device(device)?.to_dtype(DType::F32)?)))
             .collect::<candle_core::Result<HashMap<_, _>>>()?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        MobileFaceNet::new(&self.config, vb).map_err(|e| e.in_file(&self.source))
+        let model = MobileFaceNet::new(&self.config, vb).map_err(|e| e.in_file(&self.source))?;
+        match &self.int8 {
+            Some(int8) => model.quantized(int8).map_err(|e| e.in_file(&self.source)),
+            None => Ok(model),
+        }
     }
 
     /// Builds the network on `device` with its folded inference path in `dtype` (f32, f16
@@ -201,7 +215,17 @@ impl Checkpoint {
                 ))
             })
             .collect::<candle_core::Result<_>>()?;
-        let bytes = safetensors::serialize(data, Some(meta))
+        let int8 = self.int8.as_ref().map(Int8::to_native).transpose()?;
+        let mut raw: Vec<NativeTensor> = data
+            .iter()
+            .map(|(n, t)| native_tensor(n, t))
+            .collect::<Result<_>>()?;
+        if let Some((json, tensors)) = int8 {
+            meta.insert(INT8_KEY.into(), json);
+            raw.extend(tensors);
+        }
+        raw.sort_by(|a, b| a.name.cmp(&b.name));
+        let bytes = safetensors::serialize(raw.iter().map(|t| (t.name.as_str(), t)), Some(meta))
             .map_err(|e| native_err(format!("cannot serialise: {e}")))?;
         // One temporary name per process and call, so that concurrent writers of one path
         // never share (or delete) each other's file.
@@ -235,6 +259,18 @@ impl Checkpoint {
         }
         Ok(())
     }
+}
+
+/// A candle tensor's dtype, shape and little-endian bytes, for writing beside the int8
+/// tensors candle has no dtype for.
+fn native_tensor(name: &str, t: &Tensor) -> Result<NativeTensor> {
+    use safetensors::View;
+    Ok(NativeTensor {
+        name: name.to_string(),
+        dtype: t.dtype().into(),
+        shape: t.dims().to_vec(),
+        data: t.data().into_owned(),
+    })
 }
 
 fn load_native(path: &Path, device: &Device) -> Result<Checkpoint> {
@@ -330,7 +366,12 @@ fn native_from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Check
         .filter(|(n, _)| !needed.contains(n.as_str()))
         .collect();
     extra.sort_by(|a, b| a.0.cmp(b.0));
+    let int8_json = meta.remove(INT8_KEY);
     for (name, info) in extra {
+        if name.starts_with(INT8_PREFIX) && int8_json.is_some() {
+            // Checked with the int8 metadata once the data is at hand.
+            continue;
+        }
         if !is_training_state(name) {
             return Err(Error::BadWeight {
                 path: path.to_path_buf(),
@@ -346,9 +387,13 @@ fn native_from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Check
     use candle_core::safetensors::Load;
     let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let int8 = int8_json
+        .map(|json| Int8::from_native(&json, &st, &config, path))
+        .transpose()?;
     let tensors = st
         .tensors()
         .into_iter()
+        .filter(|(name, _)| !name.starts_with(INT8_PREFIX) || int8.is_none())
         .map(|(name, view)| {
             let t = view
                 .load(device)
@@ -361,6 +406,7 @@ fn native_from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Check
         tensors,
         metadata: meta,
         source: path.to_path_buf(),
+        int8,
     })
 }
 

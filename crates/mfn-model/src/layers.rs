@@ -19,6 +19,7 @@ use crate::config::{Activation, BlockSpec, ConvSpec, EmbeddingSpec};
 use crate::engine;
 use crate::ops::{batch_norm_train, depthwise_conv2d, prelu, BatchStats, GraphConv};
 use crate::ops::{BiasPrelu, DepthwiseConv2d};
+use crate::quant::Int8Layer;
 
 /// BatchNorm on the graph path. In train mode on the CPU it runs the fused op with its
 /// native backward and updates the running statistics as candle's `BatchNorm` would
@@ -432,28 +433,30 @@ impl ConvBnAct {
         }))
     }
 
-    /// The unit as a 1x1 conv for the CPU engine.
-    pub(crate) fn engine_pointwise(&self) -> Result<engine::Pointwise> {
+    /// The folded weights as the host's `[out][in * kh * kw]` values.
+    pub(crate) fn folded_weight_host(&self) -> Result<Vec<f32>> {
+        Ok(self.folded_host()?.0)
+    }
+
+    /// The unit as a 1x1 conv for the CPU engine, in int8 when `int8` is given.
+    pub(crate) fn engine_pointwise(&self, int8: Option<&Int8Layer>) -> Result<engine::Pointwise> {
         let s = &self.spec;
         if s.kernel != [1, 1] || s.stride != 1 || s.groups != 1 || s.pad != [0, 0] {
             candle_core::bail!("{}: not a 1x1 conv", s.name);
         }
         let (w, bias, slope) = self.folded_host()?;
         let (cin, cout) = (s.in_channels, s.out_channels);
-        let mut io = vec![0f32; w.len()];
-        for o in 0..cout {
-            for i in 0..cin {
-                io[i * cout + o] = w[o * cin + i];
-            }
-        }
-        Ok(engine::Pointwise::new(
-            io,
-            bias,
-            slope,
-            self.cap(),
-            cin,
-            cout,
-        ))
+        let io = transpose(&w, cout, cin);
+        let layer = engine::Pointwise::new(io, bias, slope, self.cap(), cin, cout);
+        Ok(match int8 {
+            Some(q) => layer.with_int8(
+                transpose(&q.weight, cout, cin),
+                &q.weight_scale,
+                &q.input_scale,
+                &q.input_zero,
+            ),
+            None => layer,
+        })
     }
 
     /// Bias and activation after a folded conv, fused on the CPU (and on CUDA devices with
@@ -589,11 +592,17 @@ impl Bottleneck {
         [&self.expand, &self.depthwise, &self.project]
     }
 
-    pub(crate) fn engine_block(&self) -> Result<engine::Block> {
+    /// The block for the CPU engine; `int8` gives the int8 half of a 1x1 conv by its
+    /// weight name, if it has one.
+    pub(crate) fn engine_block<'q>(
+        &self,
+        int8: &dyn Fn(String) -> Option<&'q Int8Layer>,
+    ) -> Result<engine::Block> {
+        let pointwise = |u: &ConvBnAct| u.engine_pointwise(int8(u.spec.weight_name()));
         Ok(engine::Block {
-            expand: self.expand.engine_pointwise()?,
+            expand: pointwise(&self.expand)?,
             depthwise: self.depthwise.engine_depthwise()?,
-            project: self.project.engine_pointwise()?,
+            project: pointwise(&self.project)?,
             residual: self.residual,
         })
     }
@@ -702,7 +711,12 @@ impl Embedding {
     /// The layer as a product for the CPU engine, whose input is a `channels` x `hw` map
     /// in NHWC order: the weight rows, stored for an NCHW flatten (`c * hw + p`), are
     /// reordered to `p * channels + c` once here rather than the activations each call.
-    pub(crate) fn engine_linear(&self, channels: usize, hw: usize) -> Result<engine::Pointwise> {
+    pub(crate) fn engine_linear(
+        &self,
+        channels: usize,
+        hw: usize,
+        int8: Option<&Int8Layer>,
+    ) -> Result<engine::Pointwise> {
         let (cin, cout) = self.folded_weight_t.dims2()?;
         if channels * hw != cin {
             candle_core::bail!(
@@ -710,21 +724,29 @@ impl Embedding {
             );
         }
         let nchw = to_arc_vec(&self.folded_weight_t)?;
-        let mut w = vec![0f32; nchw.len()];
-        for c in 0..channels {
-            for p in 0..hw {
-                let (from, to) = ((c * hw + p) * cout, (p * channels + c) * cout);
-                w[to..to + cout].copy_from_slice(&nchw[from..from + cout]);
-            }
-        }
-        Ok(engine::Pointwise::new(
-            w,
+        let layer = engine::Pointwise::new(
+            nhwc_rows(&nchw, channels, hw, cout),
             to_arc_vec(&self.folded_bias)?.to_vec(),
             None,
             None,
             cin,
             cout,
-        ))
+        );
+        Ok(match int8 {
+            Some(q) => layer.with_int8(
+                nhwc_rows(&transpose(&q.weight, cout, cin), channels, hw, cout),
+                &q.weight_scale,
+                &nhwc_rows(&q.input_scale, channels, hw, 1),
+                &nhwc_rows(&q.input_zero, channels, hw, 1),
+            ),
+            None => layer,
+        })
+    }
+
+    /// The folded weights as `[out][in]` values, the source weight's order.
+    pub(crate) fn folded_weight_rows(&self) -> Result<Vec<f32>> {
+        let (cin, cout) = self.folded_weight_t.dims2()?;
+        Ok(transpose(&to_arc_vec(&self.folded_weight_t)?, cin, cout))
     }
 
     /// The inference path: one matrix product with the BatchNorm folded in.
@@ -755,4 +777,28 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
         .sqrt()?
         .clamp(1e-12, f64::MAX)?;
     x.broadcast_div(&norm)
+}
+
+/// `[rows][cols]` to `[cols][rows]`.
+fn transpose<T: Copy + Default>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut out = vec![T::default(); v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = v[r * cols + c];
+        }
+    }
+    out
+}
+
+/// The rows of `[channels * hw][cout]` weights, stored for an NCHW flatten (`c * hw + p`),
+/// in NHWC order (`p * channels + c`), so that the engine's activations need no reorder.
+fn nhwc_rows<T: Copy + Default>(nchw: &[T], channels: usize, hw: usize, cout: usize) -> Vec<T> {
+    let mut w = vec![T::default(); nchw.len()];
+    for c in 0..channels {
+        for p in 0..hw {
+            let (from, to) = ((c * hw + p) * cout, (p * channels + c) * cout);
+            w[to..to + cout].copy_from_slice(&nchw[from..from + cout]);
+        }
+    }
+    w
 }

@@ -11,6 +11,7 @@ pub mod import;
 pub mod layers;
 mod model;
 pub mod ops;
+pub mod quant;
 
 /// The training depthwise conv, now in [`ops`]; kept so that older paths still resolve.
 #[doc(hidden)]
@@ -35,6 +36,7 @@ pub use error::{Error, Result};
 pub use layers::l2_normalize;
 pub use model::{hflip, MobileFaceNet};
 pub use ops::depthwise_conv2d;
+pub use quant::{Calibrator, Int8, Precision};
 
 /// Whether this crate's native kernels run on `device`: the CPU always, CUDA devices when
 /// built with the `cuda` feature. Elsewhere the ops fall back to candle's.

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::engine::{CpuEngine, LayerTimes, Pool};
 use crate::layers::{l2_normalize, Bottleneck, ConvBnAct, Embedding};
 use crate::ops::GraphConv;
+use crate::quant::{product_layers, Int8, Precision};
 use crate::{Error, Result};
 
 /// MobileFaceNet: raw RGB faces in, embeddings out.
@@ -21,6 +22,18 @@ pub struct MobileFaceNet {
     config: Config,
     norm_mean: Tensor,
     norm_scale: Tensor,
+    units: Units,
+    engine: Arc<CpuEngine>,
+    /// The int8 half the CPU engine runs its matrix products with, if quantised.
+    int8: Option<Arc<Int8>>,
+    /// The dtype [`Self::forward_layers`] computes in, when set by [`Self::to_dtype`]: the
+    /// input is cast to it after normalisation and the output back to f32.
+    dtype: Option<DType>,
+}
+
+/// The network's layers, which every path runs.
+#[derive(Clone, Debug)]
+struct Units {
     stem: ConvBnAct,
     stem_dw: Option<ConvBnAct>,
     stem_pw: Option<ConvBnAct>,
@@ -29,10 +42,6 @@ pub struct MobileFaceNet {
     /// The global depthwise conv or the reduce conv (see [`crate::Pooling`]).
     pool: ConvBnAct,
     embedding: Embedding,
-    engine: Arc<CpuEngine>,
-    /// The dtype [`Self::forward_layers`] computes in, when set by [`Self::to_dtype`]: the
-    /// input is cast to it after normalisation and the output back to f32.
-    dtype: Option<DType>,
 }
 
 impl MobileFaceNet {
@@ -58,37 +67,7 @@ impl MobileFaceNet {
         let last = ConvBnAct::new(&plan.last, &vb)?;
         let pool = ConvBnAct::new(plan.pool.conv(), &vb)?;
         let embedding = Embedding::new(&plan.embedding, &vb)?;
-        let [h, w] = config.gdconv_kernel();
-        let (engine_pool, pooled_hw) = match &plan.pool {
-            PoolSpec::GdConv(_) => (Pool::GdConv(pool.engine_depthwise()?), 1),
-            PoolSpec::ConvReduce(_) => (Pool::Reduce(pool.engine_pointwise()?), h * w),
-        };
-        let engine = CpuEngine {
-            input_hw: config.input_size,
-            mean: config.input_norm.mean,
-            scale: config.input_norm.scale,
-            stem: stem.engine_dense()?,
-            stem_dw: stem_dw
-                .as_ref()
-                .map(ConvBnAct::engine_spatial)
-                .transpose()?,
-            stem_pw: stem_pw
-                .as_ref()
-                .map(ConvBnAct::engine_pointwise)
-                .transpose()?,
-            blocks: blocks
-                .iter()
-                .map(Bottleneck::engine_block)
-                .collect::<candle_core::Result<_>>()?,
-            last: last.engine_pointwise()?,
-            pool: engine_pool,
-            head: embedding.engine_linear(plan.pool.conv().out_channels, pooled_hw)?,
-            workspaces: Mutex::new(Vec::new()),
-        };
-        Ok(Self {
-            config: config.clone(),
-            norm_mean: norm(config.input_norm.mean)?,
-            norm_scale: norm(config.input_norm.scale)?,
+        let units = Units {
             stem,
             stem_dw,
             stem_pw,
@@ -96,9 +75,100 @@ impl MobileFaceNet {
             last,
             pool,
             embedding,
-            engine: Arc::new(engine),
+        };
+        Ok(Self {
+            engine: Arc::new(units.build_engine(config, None)?),
+            config: config.clone(),
+            norm_mean: norm(config.input_norm.mean)?,
+            norm_scale: norm(config.input_norm.scale)?,
+            units,
+            int8: None,
             dtype: None,
         })
+    }
+
+    /// The network with the CPU engine's matrix products that `int8` names running in int8
+    /// (see [`crate::quant`]); every other path is unchanged. `int8` must fit the config
+    /// ([`Int8::check`]).
+    pub fn quantized(&self, int8: &Int8) -> Result<Self> {
+        int8.check(&self.config, std::path::Path::new("(int8 layers)"))?;
+        let mut model = self.clone();
+        model.engine = Arc::new(self.units.build_engine(&self.config, Some(int8))?);
+        model.int8 = Some(Arc::new(int8.clone()));
+        Ok(model)
+    }
+
+    /// The network with the f32 engine again.
+    pub fn dequantized(&self) -> Result<Self> {
+        let mut model = self.clone();
+        if model.int8.take().is_some() {
+            model.engine = Arc::new(self.units.build_engine(&self.config, None)?);
+        }
+        Ok(model)
+    }
+
+    /// What the CPU engine computes its matrix products in.
+    pub fn precision(&self) -> Precision {
+        if self.int8.is_some() {
+            Precision::Int8
+        } else {
+            Precision::F32
+        }
+    }
+
+    /// The int8 half, when quantised.
+    pub fn int8(&self) -> Option<&Int8> {
+        self.int8.as_deref()
+    }
+
+    /// Runs `x` through the f32 engine, showing `observe` each matrix product's input
+    /// (numbered as [`product_layers`] lists them).
+    pub(crate) fn observe_products(
+        &self,
+        x: &Tensor,
+        observe: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<()> {
+        self.check_input(x)?;
+        let n = x.dim(0)?;
+        let data = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let engine = match self.int8 {
+            Some(_) => Arc::new(self.units.build_engine(&self.config, None)?),
+            None => self.engine.clone(),
+        };
+        engine.observe(&data, n, observe);
+        Ok(())
+    }
+
+    /// The embedding layer's input as (channels, positions per channel) of the pooled map.
+    pub(crate) fn head_input_layout(&self) -> (usize, usize) {
+        let plan = self.config.plan();
+        let channels = plan.pool.conv().out_channels;
+        (channels, plan.embedding.in_features / channels.max(1))
+    }
+
+    /// The folded f32 weights of each matrix product, `[out][in]` in the source weight's
+    /// order, as [`product_layers`] lists them.
+    pub(crate) fn folded_products(&self) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::new();
+        let mut unit = |u: &ConvBnAct| -> Result<()> {
+            out.push(u.folded_weight_host()?);
+            Ok(())
+        };
+        if let Some(u) = &self.units.stem_pw {
+            unit(u)?;
+        }
+        for b in &self.units.blocks {
+            let [expand, _, project] = b.units();
+            unit(expand)?;
+            unit(project)?;
+        }
+        unit(&self.units.last)?;
+        if matches!(self.config.plan().pool, PoolSpec::ConvReduce(_)) {
+            unit(&self.units.pool)?;
+        }
+        out.push(self.units.embedding.folded_weight_rows()?);
+        debug_assert_eq!(out.len(), product_layers(&self.config).len());
+        Ok(out)
     }
 
     /// The network with its folded inference path in `dtype`: f32, f16 or bf16. The
@@ -124,25 +194,29 @@ impl MobileFaceNet {
             config: self.config.clone(),
             norm_mean: self.norm_mean.clone(),
             norm_scale: self.norm_scale.clone(),
-            stem: unit(&self.stem)?,
-            stem_dw: opt(&self.stem_dw)?,
-            stem_pw: opt(&self.stem_pw)?,
-            blocks: self
-                .blocks
-                .iter()
-                .map(|b| b.to_dtype(dtype))
-                .collect::<candle_core::Result<_>>()?,
-            last: unit(&self.last)?,
-            pool: unit(&self.pool)?,
-            embedding: self.embedding.to_dtype(dtype)?,
+            units: Units {
+                stem: unit(&self.units.stem)?,
+                stem_dw: opt(&self.units.stem_dw)?,
+                stem_pw: opt(&self.units.stem_pw)?,
+                blocks: self
+                    .units
+                    .blocks
+                    .iter()
+                    .map(|b| b.to_dtype(dtype))
+                    .collect::<candle_core::Result<_>>()?,
+                last: unit(&self.units.last)?,
+                pool: unit(&self.units.pool)?,
+                embedding: self.units.embedding.to_dtype(dtype)?,
+            },
             engine: self.engine.clone(),
+            int8: self.int8.clone(),
             dtype: Some(dtype),
         })
     }
 
     /// The dtype of the folded inference path (see [`Self::to_dtype`]).
     pub fn dtype(&self) -> DType {
-        self.dtype.unwrap_or_else(|| self.stem.dtype())
+        self.dtype.unwrap_or_else(|| self.units.stem.dtype())
     }
 
     /// The config the network was built from.
@@ -213,16 +287,17 @@ impl MobileFaceNet {
         if let Some(dtype) = self.dtype {
             x = x.to_dtype(dtype)?;
         }
-        let mut y = self.stem.forward(&x)?;
-        for unit in self.stem_dw.iter().chain(&self.stem_pw) {
+        let mut y = self.units.stem.forward(&x)?;
+        for unit in self.units.stem_dw.iter().chain(&self.units.stem_pw) {
             y = unit.forward(&y)?;
         }
-        for b in &self.blocks {
+        for b in &self.units.blocks {
             y = b.forward(&y)?;
         }
         let y = self
+            .units
             .embedding
-            .forward(&self.pool.forward(&self.last.forward(&y)?)?)?;
+            .forward(&self.units.pool.forward(&self.units.last.forward(&y)?)?)?;
         Ok(match self.dtype {
             Some(_) => y.to_dtype(DType::F32)?,
             None => y,
@@ -245,17 +320,18 @@ impl MobileFaceNet {
     ) -> Result<Tensor> {
         self.check_input(x)?;
         let mut y = self
+            .units
             .stem
             .forward_graph_with(&self.normalize_input(x)?, train, conv)?;
-        for unit in self.stem_dw.iter().chain(&self.stem_pw) {
+        for unit in self.units.stem_dw.iter().chain(&self.units.stem_pw) {
             y = unit.forward_graph_with(&y, train, conv)?;
         }
-        for b in &self.blocks {
+        for b in &self.units.blocks {
             y = b.forward_graph_with(&y, train, conv)?;
         }
-        let y = self.last.forward_graph_with(&y, train, conv)?;
-        let y = self.pool.forward_graph_with(&y, train, conv)?;
-        Ok(self.embedding.forward_graph(&y, train)?)
+        let y = self.units.last.forward_graph_with(&y, train, conv)?;
+        let y = self.units.pool.forward_graph_with(&y, train, conv)?;
+        Ok(self.units.embedding.forward_graph(&y, train)?)
     }
 
     /// Training mode runs [`Self::forward_graph`]; inference runs [`Self::forward`].
@@ -297,5 +373,44 @@ pub fn hflip(x: &Tensor) -> candle_core::Result<Tensor> {
 impl ModuleT for MobileFaceNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         MobileFaceNet::forward_t(self, x, train).map_err(candle_core::Error::wrap)
+    }
+}
+
+impl Units {
+    /// The CPU engine over this network's folded units, with the matrix products that
+    /// `int8` names in int8.
+    fn build_engine(&self, config: &Config, int8: Option<&Int8>) -> Result<CpuEngine> {
+        let plan: Plan = config.plan();
+        let q = |name: String| int8.and_then(|i| i.layers.get(&name));
+        let pointwise = |u: &ConvBnAct| u.engine_pointwise(q(u.spec().weight_name()));
+        let [h, w] = config.gdconv_kernel();
+        let (engine_pool, pooled_hw) = match &plan.pool {
+            PoolSpec::GdConv(_) => (Pool::GdConv(self.pool.engine_depthwise()?), 1),
+            PoolSpec::ConvReduce(_) => (Pool::Reduce(pointwise(&self.pool)?), h * w),
+        };
+        let head_q = q(crate::config::EmbeddingSpec::WEIGHT.to_string());
+        Ok(CpuEngine {
+            input_hw: config.input_size,
+            mean: config.input_norm.mean,
+            scale: config.input_norm.scale,
+            stem: self.stem.engine_dense()?,
+            stem_dw: self
+                .stem_dw
+                .as_ref()
+                .map(ConvBnAct::engine_spatial)
+                .transpose()?,
+            stem_pw: self.stem_pw.as_ref().map(pointwise).transpose()?,
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| b.engine_block(&q))
+                .collect::<candle_core::Result<_>>()?,
+            last: pointwise(&self.last)?,
+            pool: engine_pool,
+            head: self
+                .embedding
+                .engine_linear(plan.pool.conv().out_channels, pooled_hw, head_q)?,
+            workspaces: Mutex::new(Vec::new()),
+        })
     }
 }

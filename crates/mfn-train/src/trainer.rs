@@ -457,6 +457,7 @@ impl Trainer {
             tensors,
             metadata,
             source: path.to_path_buf(),
+            int8: None,
         };
         crate::atomic::write_with(path, |tmp| ckpt.save(tmp)).map_err(|source| Error::Io {
             path: path.to_path_buf(),

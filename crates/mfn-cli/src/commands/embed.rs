@@ -6,9 +6,7 @@ use anyhow::Result;
 use candle_core::Device;
 use serde_json::json;
 
-use super::{
-    args, check_output, image_size, load_model_on, progress, write_atomic, DetectorArgs, RunArgs,
-};
+use super::{args, check_output, image_size, progress, write_atomic, DetectorArgs, RunArgs};
 
 /// Arguments of `mfn-cli embed`.
 #[derive(clap::Args, Debug)]
@@ -47,8 +45,7 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(path) = &args.json {
         check_output(path, "--json")?;
     }
-    let device = args.run.open()?;
-    let (ckpt, model) = load_model_on(args.model.clone(), None, &device, args.run.dtype.dtype())?;
+    let (device, ckpt, model) = args.run.load(args.model.clone())?;
     let missing = mfn_data::missing_files(&args.images);
     if !missing.is_empty() {
         let list: Vec<String> = missing.iter().map(|p| p.display().to_string()).collect();

@@ -13,8 +13,8 @@ use serde_json::{json, Value};
 use mfn_hub::pretrained::{THRESHOLD_KEY, THRESHOLD_PAIRS_KEY, THRESHOLD_SOURCE_KEY};
 
 use super::{
-    args, asset_or, check_output, hub, image_size, load_model_on, pinned_file, write_atomic,
-    write_atomic_with, DeviceKind, RunArgs,
+    args, asset_or, check_output, hub, image_size, pinned_file, write_atomic, write_atomic_with,
+    DeviceKind, RunArgs,
 };
 
 /// The false accept rates reported.
@@ -195,14 +195,12 @@ pub fn run(args: Args) -> Result<()> {
             sets.len()
         );
     }
-    let device = args.run.open()?;
+    let (device, mut ckpt, model) = args.run.load(args.model.clone())?;
     let batch = match (args.batch, args.run.device) {
         (Some(b), _) => b,
         (None, DeviceKind::Cpu) => 8,
         (None, DeviceKind::Cuda) => 256,
     };
-    let (mut ckpt, model) =
-        load_model_on(args.model.clone(), None, &device, args.run.dtype.dtype())?;
     if args.save_threshold.is_some()
         && ckpt.source.extension().and_then(|e| e.to_str()) != Some("safetensors")
     {

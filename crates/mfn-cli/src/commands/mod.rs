@@ -7,6 +7,7 @@ pub mod embed;
 pub mod eval;
 pub mod gallery;
 pub mod pack_bin;
+pub mod quantize;
 pub mod train;
 pub mod verify;
 
@@ -176,7 +177,7 @@ pub fn open_device(kind: DeviceKind) -> Result<Device> {
 }
 
 /// `--device` and `--dtype` of the commands that run the network.
-#[derive(clap::Args, Debug, Clone, Copy)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
     /// Where the network runs.
     #[arg(long, value_enum, default_value_t = DeviceKind::Cpu)]
@@ -185,6 +186,28 @@ pub struct RunArgs {
     /// CPU engine computes in f32).
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
+    /// What the CPU engine computes its 1x1 convs and embedding layer in: `f32`, or `int8`
+    /// (the model's own int8 half, from `mfn-cli quantize`, or one calibrated now on
+    /// `--calib`) [default: int8 for a model with an int8 half, else f32].
+    #[arg(long, value_enum)]
+    pub precision: Option<PrecisionArg>,
+    /// With `--precision int8`: calibrate on this folder of aligned faces now, rather than
+    /// use the model's int8 half.
+    #[arg(long, value_name = "DIR")]
+    pub calib: Option<PathBuf>,
+    /// Faces of `--calib` to calibrate on.
+    #[arg(long, default_value_t = mfn_model::quant::DEFAULT_CALIBRATION_IMAGES,
+          value_parser = args::count(1, 1_000_000))]
+    pub calib_images: usize,
+}
+
+/// `--precision`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrecisionArg {
+    /// f32 throughout.
+    F32,
+    /// int8 1x1 convs and embedding layer (the CPU engine).
+    Int8,
 }
 
 impl RunArgs {
@@ -200,7 +223,51 @@ impl RunArgs {
                 }
             );
         }
+        if self.calib.is_some() && self.precision != Some(PrecisionArg::Int8) {
+            bail!("--calib: only with --precision int8");
+        }
+        if self.precision == Some(PrecisionArg::Int8) && self.device != DeviceKind::Cpu {
+            bail!("--precision int8: the int8 path is the CPU engine's; drop --device");
+        }
         open_device(self.device)
+    }
+
+    /// Opens the device, loads `model` and builds it in the precision asked for:
+    /// quantised on `--calib` now, or with its int8 half dropped for `--precision f32`.
+    pub fn load(&self, model: Option<PathBuf>) -> Result<(Device, Checkpoint, MobileFaceNet)> {
+        let device = self.open()?;
+        let (mut ckpt, mut net) = load_model_on(model, None, &device, self.dtype.dtype())?;
+        match (self.precision, &self.calib) {
+            (Some(PrecisionArg::F32), _) => {
+                ckpt.int8 = None;
+                net = net.dequantized()?;
+            }
+            (Some(PrecisionArg::Int8), Some(dir)) => {
+                let net_f32 = net.dequantized()?;
+                let bar = progress(self.calib_images, "calibrating");
+                let int8 = mfn_data::calibration::calibrate(
+                    &net_f32,
+                    dir,
+                    self.calib_images,
+                    mfn_model::quant::QuantizeOptions::default(),
+                    |done, total| {
+                        bar.set_length(total as u64);
+                        bar.set_position(done as u64);
+                    },
+                )
+                .with_context(|| format!("--calib: calibrating on {}", dir.display()))?;
+                bar.finish_and_clear();
+                net = net_f32.quantized(&int8)?;
+                ckpt.int8 = Some(int8);
+            }
+            (Some(PrecisionArg::Int8), None) if ckpt.int8.is_none() => bail!(
+                "--precision int8: {} has no int8 half; make one with `mfn-cli quantize \
+                 --calib DIR`, or give --calib DIR to calibrate now",
+                ckpt.source.display()
+            ),
+            _ => {}
+        }
+        Ok((device, ckpt, net))
     }
 }
 

@@ -18,9 +18,9 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 mod fp32;
-#[allow(dead_code)]
 mod int8;
 mod layers;
+mod quantize;
 
 pub(crate) use layers::{Block, GroupedConv, Pointwise, Pool, Spatial, WindowConv};
 
@@ -87,7 +87,12 @@ pub(crate) struct Workspace {
     y: Vec<f32>,
     e: Vec<f32>,
     d: Vec<f32>,
+    /// Quantised input rows of int8 products.
+    q: Vec<u8>,
 }
+
+/// What calibration is shown: each matrix product's number and input.
+type Observer<'a> = &'a mut dyn FnMut(usize, &[f32]);
 
 /// Wall time per [`LayerKind`] of one forward pass.
 pub type LayerTimes = BTreeMap<LayerKind, Duration>;
@@ -210,6 +215,32 @@ impl CpuEngine {
         parallel: bool,
         mut times: Option<&mut LayerTimes>,
     ) -> Vec<f32> {
+        self.run_observed(input, n, parallel, times.take(), None)
+    }
+
+    /// The network on `n` images (as [`Self::forward`] takes them) that shows `observe`
+    /// the input of every matrix product, numbered in the order they run (see
+    /// [`crate::quant::product_layers`]): how calibration measures activation ranges.
+    pub fn observe(&self, input: &[f32], n: usize, observe: &mut dyn FnMut(usize, &[f32])) {
+        let parallel = rayon::current_num_threads() > 1;
+        self.run_observed(input, n, parallel, None, Some(observe));
+    }
+
+    fn run_observed(
+        &self,
+        input: &[f32],
+        n: usize,
+        parallel: bool,
+        mut times: Option<&mut LayerTimes>,
+        mut observe: Option<Observer<'_>>,
+    ) -> Vec<f32> {
+        let mut product = 0;
+        let mut seen = |x: &[f32]| {
+            if let Some(f) = observe.as_deref_mut() {
+                f(product, x);
+            }
+            product += 1;
+        };
         let [h, w] = self.input_hw;
         let mut ws = self.workspace();
         let mut clock = Instant::now();
@@ -243,7 +274,8 @@ impl CpuEngine {
             lap(LayerKind::Depthwise, &mut times);
         }
         if let Some(pw) = &self.stem_pw {
-            pw.run(&ws.x, n * s.h * s.w, None, &mut ws.y, parallel);
+            seen(&ws.x[..n * s.h * s.w * s.c]);
+            pw.run(&ws.x, n * s.h * s.w, None, &mut ws.y, &mut ws.q, parallel);
             std::mem::swap(&mut ws.x, &mut ws.y);
             s = Hwc { c: pw.cout, ..s };
             lap(LayerKind::Pointwise, &mut times);
@@ -251,7 +283,8 @@ impl CpuEngine {
 
         for b in &self.blocks {
             let m = n * s.h * s.w;
-            b.expand.run(&ws.x, m, None, &mut ws.e, parallel);
+            seen(&ws.x[..m * s.c]);
+            b.expand.run(&ws.x, m, None, &mut ws.e, &mut ws.q, parallel);
             lap(LayerKind::Pointwise, &mut times);
             let e = Hwc {
                 c: b.expand.cout,
@@ -260,8 +293,10 @@ impl CpuEngine {
             let d = b.depthwise.run(&ws.e, n, e, &mut ws.d, parallel);
             lap(LayerKind::Depthwise, &mut times);
             let m = n * d.h * d.w;
+            seen(&ws.d[..m * d.c]);
             let residual = b.residual.then_some(&ws.x[..m * b.project.cout]);
-            b.project.run(&ws.d, m, residual, &mut ws.y, parallel);
+            b.project
+                .run(&ws.d, m, residual, &mut ws.y, &mut ws.q, parallel);
             std::mem::swap(&mut ws.x, &mut ws.y);
             lap(LayerKind::Pointwise, &mut times);
             s = Hwc {
@@ -271,7 +306,9 @@ impl CpuEngine {
         }
 
         let m = n * s.h * s.w;
-        self.last.run(&ws.x, m, None, &mut ws.e, parallel);
+        seen(&ws.x[..m * s.c]);
+        self.last
+            .run(&ws.x, m, None, &mut ws.e, &mut ws.q, parallel);
         lap(LayerKind::Pointwise, &mut times);
         let s = Hwc {
             c: self.last.cout,
@@ -282,13 +319,15 @@ impl CpuEngine {
         let g = match &self.pool {
             Pool::GdConv(conv) => conv.run(&ws.e, n, s, &mut ws.d, parallel),
             Pool::Reduce(conv) => {
-                conv.run(&ws.e, n * s.h * s.w, None, &mut ws.d, parallel);
+                seen(&ws.e[..n * s.h * s.w * s.c]);
+                conv.run(&ws.e, n * s.h * s.w, None, &mut ws.d, &mut ws.q, parallel);
                 Hwc { c: conv.cout, ..s }
             }
         };
         lap(LayerKind::GdConv, &mut times);
+        seen(&ws.d[..n * self.head.cin]);
         let mut out = Vec::new();
-        self.head.run(&ws.d, n, None, &mut out, parallel);
+        self.head.run(&ws.d, n, None, &mut out, &mut ws.q, parallel);
         out.truncate(n * self.head.cout);
         lap(LayerKind::Head, &mut times);
         debug_assert_eq!(g.h * g.w * g.c, self.head.cin);
