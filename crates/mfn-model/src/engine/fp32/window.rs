@@ -53,7 +53,9 @@ impl Isa {
 /// (the top of ReLU6).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Act<'a> {
+    /// One PReLU slope per output channel, or no activation.
     pub slope: Option<&'a [f32]>,
+    /// The upper clamp after it, if any.
     pub cap: Option<f32>,
 }
 
@@ -308,10 +310,12 @@ fn grouped2_row_impl<const FMA: bool>(
 /// [`Isa::Avx2`] and [`Isa::Avx512`], and `$impl::<false>` for [`Isa::Portable`].
 macro_rules! dispatch {
     ($name:ident, $impl:ident, ($($arg:ident: $ty:ty),*)) => {
+        #[doc = concat!("[`", stringify!($impl), "`] compiled for `isa`'s vector width.")]
         #[allow(clippy::too_many_arguments)]
         fn $name(isa: Isa, $($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
+                /// The loops with AVX2 and FMA enabled.
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn fast($($arg: $ty),*) {
@@ -555,6 +559,7 @@ mod tests {
         out
     }
 
+    /// Element-wise agreement to float rounding, naming the case on failure.
     fn assert_close(got: &[f32], want: &[f32], what: &str) {
         assert_eq!(got.len(), want.len(), "{what}: length");
         for (i, (a, b)) in got.iter().zip(want).enumerate() {
@@ -592,6 +597,7 @@ mod tests {
         out
     }
 
+    /// Every depthwise path the CPU has against the scalar loops.
     #[test]
     fn depthwise_paths_match_scalar() {
         for (i, &(h, w, c, stride, pad)) in SHAPES.iter().enumerate() {
@@ -626,6 +632,7 @@ mod tests {
         }
     }
 
+    /// Every two-channel grouped path the CPU has against the scalar loops.
     #[test]
     fn grouped2_paths_match_scalar() {
         for (i, &(h, w, c, stride, pad)) in SHAPES.iter().enumerate() {
@@ -667,6 +674,8 @@ mod tests {
         }
     }
 
+    /// Every dense path the CPU has against the scalar loops, with output channels on and
+    /// off the AVX-512 kernel's multiples of 16.
     #[test]
     fn dense_paths_match_scalar() {
         for (i, (h, w, cin, cout, k, stride, pad)) in [

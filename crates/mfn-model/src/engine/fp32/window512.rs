@@ -198,18 +198,27 @@ pub(super) unsafe fn grouped2_3_row(
 
 /// What the loops of a 3x3 row need: pointers, the window rows and sizes.
 struct Row {
+    /// The output row, `wo x c`.
     out: *mut f32,
     /// The three window rows in the input; one outside the image points at a real row.
     rows: [*const f32; 3],
+    /// Which window rows lie inside the image.
     inside: [bool; 3],
     /// The weights (`[3][3][c]`) per input channel of a group.
     weights: [*const f32; 2],
+    /// `c` values.
     bias: *const f32,
+    /// `c` PReLU slopes, if any.
     slope: Option<*const f32>,
+    /// The cap, broadcast.
     cap: Option<__m512>,
+    /// Channels.
     c: usize,
+    /// Input width.
     w: usize,
+    /// Output width.
     wo: usize,
+    /// Left padding.
     pw: usize,
 }
 
