@@ -1,6 +1,6 @@
 //! The engine's layers, each computed directly in NHWC with folded BatchNorm.
 
-use super::{each_chunk, fp32, out_dim, sized, tile_rows, Hwc};
+use super::{each_chunk, fp32, int8, out_dim, sized, tile_rows, Hwc};
 
 /// A conv that slides a window over the image (dense or depthwise), with folded
 /// BatchNorm, computed directly in NHWC.
@@ -53,6 +53,24 @@ pub(crate) struct Pointwise {
     pub cap: Option<f32>,
     pub cin: usize,
     pub cout: usize,
+    /// The int8 product that replaces the f32 one, when quantised.
+    pub int8: Option<Int8Product>,
+}
+
+/// A pointwise layer's int8 product: each input channel `c` is quantised with its own
+/// scale and zero point, the scales folded into the weights `q`, so that
+/// `y = (acc - sum_c zero[c] * q[c]) * w_scale + bias`, with `acc` the exact i32 product.
+#[derive(Clone, Debug)]
+pub(crate) struct Int8Product {
+    pub w: int8::QWeights,
+    /// Per output channel: the weight scale.
+    pub scale: Vec<f32>,
+    /// Per output channel: `bias - w_scale * sum_c zero[c] * q[c]`.
+    pub offset: Vec<f32>,
+    /// Per input channel.
+    pub inv_in_scale: Vec<f32>,
+    /// Per input channel, as f32 for the rounding.
+    pub zero: Vec<f32>,
 }
 
 /// Clamps from above: the top of ReLU6.
@@ -270,18 +288,53 @@ impl Pointwise {
             cap,
             cin,
             cout,
+            int8: None,
         }
     }
 
-    /// `out = epilogue(x @ w)` over `m` rows, or `out = residual + bias + x @ w`.
+    /// The layer with its product in int8: `q` is `[cin][cout]` in `-127..=127` with the
+    /// input channels' scales folded in, one `w_scale` per output channel, and input channel
+    /// `c` is quantised with `in_scale[c]` and `zero[c]`.
+    pub fn with_int8(mut self, q: Vec<i8>, w_scale: &[f32], in_scale: &[f32], zero: &[u8]) -> Self {
+        let (cin, cout) = (self.cin, self.cout);
+        debug_assert_eq!(q.len(), cin * cout);
+        let mut zero_sum = vec![0i64; cout];
+        for (row, &z) in q.chunks_exact(cout).zip(zero) {
+            for (acc, &w) in zero_sum.iter_mut().zip(row) {
+                *acc += z as i64 * w as i64;
+            }
+        }
+        let offset = self
+            .bias
+            .iter()
+            .zip(w_scale)
+            .zip(&zero_sum)
+            .map(|((b, s), &sum)| b - (sum as f64 * *s as f64) as f32)
+            .collect();
+        self.int8 = Some(Int8Product {
+            w: int8::QWeights::new(&q, cin, cout),
+            scale: w_scale.to_vec(),
+            offset,
+            inv_in_scale: in_scale.iter().map(|s| 1.0 / s).collect(),
+            zero: zero.iter().map(|&z| z as f32).collect(),
+        });
+        self
+    }
+
+    /// `out = epilogue(x @ w)` over `m` rows, or `out = residual + bias + x @ w`; `q` is
+    /// scratch for the quantised input of an int8 product.
     pub(super) fn run(
         &self,
         x: &[f32],
         m: usize,
         residual: Option<&[f32]>,
         out: &mut Vec<f32>,
+        q: &mut Vec<u8>,
         parallel: bool,
     ) {
+        if let Some(p) = &self.int8 {
+            return self.run_int8(p, x, m, residual, out, q, parallel);
+        }
         let (cin, cout) = (self.cin, self.cout);
         debug_assert_eq!(self.w.k(), cin);
         let out = sized(out, m * cout);
@@ -297,6 +350,61 @@ impl Pointwise {
             };
             fp32::matmul(o, &x[r0 * cin..(r0 + rows) * cin], rows, &self.w, ep);
         });
+    }
+
+    /// [`Self::run`] in int8: each tile of rows is quantised and multiplied by the same
+    /// task, so the u8 rows are still in cache for the product.
+    #[allow(clippy::too_many_arguments)]
+    fn run_int8(
+        &self,
+        p: &Int8Product,
+        x: &[f32],
+        m: usize,
+        residual: Option<&[f32]>,
+        out: &mut Vec<f32>,
+        q: &mut Vec<u8>,
+        parallel: bool,
+    ) {
+        let (cin, cout, ks) = (self.cin, self.cout, p.w.k_stride());
+        let out = sized(out, m * cout);
+        if q.len() < m * ks {
+            q.resize(m * ks, 0);
+        }
+        let q = &mut q[..m * ks];
+        let tile = tile_rows(m, parallel);
+        let task = |t: usize, (o, qt): (&mut [f32], &mut [u8])| {
+            let rows = o.len() / cout;
+            let r0 = t * tile;
+            super::quantize::quantize_rows(
+                qt,
+                &x[r0 * cin..(r0 + rows) * cin],
+                rows,
+                cin,
+                ks,
+                &p.inv_in_scale,
+                &p.zero,
+            );
+            let ep = int8::QEpilogue {
+                scale: &p.scale,
+                offset: &p.offset,
+                slope: self.slope.as_deref(),
+                cap: self.cap,
+                residual: residual.map(|res| &res[r0 * cout..(r0 + rows) * cout]),
+            };
+            int8::matmul(o, qt, rows, &p.w, ep);
+        };
+        if parallel {
+            use rayon::prelude::*;
+            out.par_chunks_mut(tile * cout)
+                .zip(q.par_chunks_mut(tile * ks))
+                .enumerate()
+                .for_each(|(t, piece)| task(t, piece));
+        } else {
+            out.chunks_mut(tile * cout)
+                .zip(q.chunks_mut(tile * ks))
+                .enumerate()
+                .for_each(|(t, piece)| task(t, piece));
+        }
     }
 }
 
@@ -571,12 +679,26 @@ mod tests {
         let m = n * h * w;
         let mut out = Vec::new();
         for parallel in [false, true] {
-            layer(Some(slope.clone())).run(&to_nhwc(&xt), m, None, &mut out, parallel);
+            layer(Some(slope.clone())).run(
+                &to_nhwc(&xt),
+                m,
+                None,
+                &mut out,
+                &mut Vec::new(),
+                parallel,
+            );
             let want = reference(&xt, &wtt, &bias, Some(&slope), 1, 0, 1);
             assert_close(&out[..m * cout], &want, "pointwise + prelu");
 
             let rt = nchw(&res, [n, cout, h, w]);
-            layer(None).run(&to_nhwc(&xt), m, Some(&to_nhwc(&rt)), &mut out, parallel);
+            layer(None).run(
+                &to_nhwc(&xt),
+                m,
+                Some(&to_nhwc(&rt)),
+                &mut out,
+                &mut Vec::new(),
+                parallel,
+            );
             let want = (reference(&xt, &wtt, &bias, None, 1, 0, 1) + &rt).unwrap();
             assert_close(&out[..m * cout], &want, "pointwise + residual");
         }
