@@ -12,6 +12,7 @@ use super::window512;
 /// The instruction set a window kernel runs with. It is a parameter rather than a global
 /// choice so that the tests can run every path the CPU supports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) enum Isa {
     /// Plain Rust, whatever the compiler makes of it for the build target.
     Portable,
