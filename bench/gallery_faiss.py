@@ -29,6 +29,8 @@ Options:
     --vectors PATH         stored vectors, .npy or raw f32 (row-major, d per row)
     --queries PATH         random queries, same formats
     --dup-queries PATH     near-duplicate queries, same formats
+    --dup-name NAME        what to call that query set in the output ("near-dup"; "lfw"
+                           for the held-out LFW faces of examples/scale_bench.rs)
     --threads LIST         faiss.omp_set_num_threads for each build (e.g. 1,2); the
                            indexes are rebuilt for each value
     --search-threads LIST  concurrent callers issuing batch-1 searches (default: the
@@ -96,7 +98,7 @@ def make_data(args):
         src = (np.arange(nq) * (n // nq)) % n
         q_dup = base[src] + args.noise * rng.standard_normal((nq, args.d), dtype=np.float32)
     normalise(q_dup)
-    return base, {"random": q_rand, "near-dup": q_dup}
+    return base, {"random": q_rand, args.dup_name: q_dup}
 
 
 def batch1(index, queries, k, callers):
@@ -146,6 +148,7 @@ def main():
     ap.add_argument("--vectors")
     ap.add_argument("--queries")
     ap.add_argument("--dup-queries")
+    ap.add_argument("--dup-name", default="near-dup")
     ap.add_argument("--threads", default="1")
     ap.add_argument("--search-threads")
     ap.add_argument("--m", type=int, default=16)

@@ -201,6 +201,12 @@ impl HnswIndex {
         self.inner.change_expansion_search(self.ef_search);
     }
 
+    /// The instruction set `usearch` measures distances with for this index (`serial`
+    /// when it found no SIMD kernel for the CPU), for reports.
+    pub fn hardware_acceleration(&self) -> String {
+        self.inner.hardware_acceleration()
+    }
+
     /// Bytes the graph and its vectors take, as `usearch` counts them.
     pub fn memory_usage(&self) -> usize {
         self.inner.memory_usage()

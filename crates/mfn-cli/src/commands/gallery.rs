@@ -216,6 +216,20 @@ struct EvalArgs {
     /// `enroll --storage` would keep them (probes stay f32).
     #[arg(long, value_enum, default_value_t)]
     storage: StorageArg,
+    /// Run the protocol through a real gallery: enroll the gallery images into this new
+    /// one (a SQLite file or `postgres://...`; it must not exist), then search every probe
+    /// through it with --index, so each backend's own search is measured. Without it the
+    /// index is built in memory.
+    #[arg(long)]
+    db: Option<String>,
+    /// Write the embeddings (unit length, little-endian f32, one row per image in the
+    /// protocol's order: gallery, known probes, unknown probes) to this file.
+    #[arg(long, conflicts_with = "load_embeddings")]
+    save_embeddings: Option<PathBuf>,
+    /// Read the embeddings from a file written by --save-embeddings with the same model
+    /// and images instead of embedding the images again.
+    #[arg(long)]
+    load_embeddings: Option<PathBuf>,
     /// Embed each face alone, without adding its mirror image.
     #[arg(long)]
     no_flip: bool,
@@ -633,20 +647,38 @@ fn eval(a: EvalArgs) -> Result<()> {
     let root = asset_or(a.images.clone(), "lfw/aligned-112x112", "--images")?;
     let split = mfn_gallery::OpenSetSplit::from_folder(&root, &a.ext)
         .with_context(|| format!("reading the people of {}", root.display()))?;
+    if let Some(path) = &a.save_embeddings {
+        check_output(path, "--save-embeddings")?;
+    }
     let (ckpt, model) = super::load_model(a.model.clone(), None)?;
     let flip = !a.no_flip;
     let images = split.images();
     let start = Instant::now();
-    let bar = progress(images.len(), "embedding");
-    let mut embeddings = mfn_data::embed_images(
-        &images,
-        a.batch,
-        image_size(model.config()),
-        &Device::Cpu,
-        |x| -> Result<_> { Ok(model.embed(x, flip)?) },
-        |done| bar.set_position(done as u64),
-    )?;
-    bar.finish_and_clear();
+    let dim = model.config().embedding_size;
+    let mut embeddings = match &a.load_embeddings {
+        Some(path) => read_embeddings(path, images.len(), dim)?,
+        None => {
+            let bar = progress(images.len(), "embedding");
+            let e = mfn_data::embed_images(
+                &images,
+                a.batch,
+                image_size(model.config()),
+                &Device::Cpu,
+                |x| -> Result<_> { Ok(model.embed(x, flip)?) },
+                |done| bar.set_position(done as u64),
+            )?;
+            bar.finish_and_clear();
+            e
+        }
+    };
+    if let Some(path) = &a.save_embeddings {
+        let bytes: Vec<u8> = embeddings
+            .iter()
+            .flat_map(|e| unit(e))
+            .flat_map(f32::to_le_bytes)
+            .collect();
+        write_atomic(path, &bytes)?;
+    }
     let embed_seconds = start.elapsed().as_secs_f64();
     let storage = a.storage.storage();
     if storage != Storage::F32 {
@@ -656,16 +688,33 @@ fn eval(a: EvalArgs) -> Result<()> {
         }
     }
     let search_start = Instant::now();
-    let report = match a.index {
-        IndexArg::Exact => split.evaluate(&embeddings, a.k, &FARS),
-        IndexArg::Hnsw => evaluate_with(&split, &embeddings, a.k, a.index.kind()),
-    }
-    .with_context(|| format!("evaluating {}", root.display()))?;
+    let fingerprint = Fingerprint::of(&ckpt)
+        .with_context(|| format!("fingerprinting {}", ckpt.source.display()))?;
+    let report = match (&a.db, a.index) {
+        (Some(db), _) => evaluate_in_gallery(
+            &split,
+            &embeddings,
+            a.k,
+            db,
+            &fingerprint,
+            a.index.kind(),
+            storage,
+        )
+        .with_context(|| format!("evaluating {} through the gallery {db}", root.display()))?,
+        (None, IndexArg::Exact) => split
+            .evaluate(&embeddings, a.k, &FARS)
+            .with_context(|| format!("evaluating {}", root.display()))?,
+        (None, IndexArg::Hnsw) => evaluate_with(&split, &embeddings, a.k, a.index.kind())
+            .with_context(|| format!("evaluating {}", root.display()))?,
+    };
     let search_seconds = search_start.elapsed().as_secs_f64();
     let model_name = ckpt.source.display().to_string();
     println!("model      {model_name}");
     println!("index      {}", a.index.kind().name());
     println!("storage    {storage}");
+    if let Some(db) = &a.db {
+        println!("backend    {}", Location::parse(db));
+    }
     println!(
         "images     {} under {}, flip test {}",
         images.len(),
@@ -710,6 +759,7 @@ fn eval(a: EvalArgs) -> Result<()> {
             "gallery": split.gallery.len(),
             "index": a.index.kind().name(),
             "storage": storage,
+            "db": a.db.as_deref().map(|d| Location::parse(d).to_string()),
             "report": report,
             "embed_seconds": embed_seconds,
             "search_seconds": search_seconds,
@@ -776,4 +826,91 @@ fn unit(e: &[f32]) -> Vec<f32> {
         .sqrt()
         .max(1e-12);
     e.iter().map(|v| (*v as f64 / norm) as f32).collect()
+}
+
+/// Embeddings written by `--save-embeddings`: exactly `rows` rows of `dim` finite
+/// little-endian f32.
+fn read_embeddings(path: &Path, rows: usize, dim: usize) -> Result<Vec<Vec<f32>>> {
+    let want = (rows * dim * 4) as u64;
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    if len != want {
+        bail!(
+            "{}: {len} bytes, but {rows} embeddings of {dim} values take {want}: written for \
+             another model or image set",
+            path.display()
+        );
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() as u64 != want {
+        bail!("{}: it changed while being read", path.display());
+    }
+    let mut out = Vec::with_capacity(rows);
+    for (r, row) in bytes.chunks_exact(dim * 4).enumerate() {
+        let v: Vec<f32> = row
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if let Some(j) = v.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "{}: byte offset {}: value {j} of embedding {r} is {}",
+                path.display(),
+                (r * dim + j) * 4,
+                v[j]
+            );
+        }
+        out.push(v);
+    }
+    Ok(out)
+}
+
+/// [`mfn_gallery::OpenSetSplit::evaluate`] through a new gallery at `db`: the gallery
+/// images enrolled in one batch (labelled by their position in the split), every probe
+/// searched through [`Gallery::search`] with the index `kind`.
+fn evaluate_in_gallery(
+    split: &mfn_gallery::OpenSetSplit,
+    embeddings: &[Vec<f32>],
+    max_rank: usize,
+    db: &str,
+    fingerprint: &Fingerprint,
+    kind: IndexKind,
+    storage: Storage,
+) -> Result<mfn_eval::open_set::OpenSetReport> {
+    use mfn_eval::open_set::Probe;
+    let location = Location::parse(db);
+    if Gallery::exists(&location)? {
+        bail!("--db {location}: a gallery is already there; --db takes a new one");
+    }
+    let enrolled = split.gallery.len();
+    let dim = embeddings.first().map_or(0, Vec::len);
+    let mut gallery = Gallery::create_with(location, fingerprint, dim, storage)?;
+    let faces: Vec<Enrollment> = embeddings[..enrolled]
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Enrollment {
+            label: i.to_string(),
+            embedding: e.clone(),
+            source: None,
+        })
+        .collect();
+    gallery.enroll(&faces)?;
+    gallery.set_index_kind(kind);
+    let bar = progress(embeddings.len() - enrolled, "searching");
+    let mut probes = Vec::with_capacity(embeddings.len() - enrolled);
+    for (i, e) in embeddings[enrolled..].iter().enumerate() {
+        let candidates: Vec<(u32, f32)> = gallery
+            .search(e, max_rank)?
+            .into_iter()
+            .map(|h| Ok((h.label.parse::<u32>()?, h.score)))
+            .collect::<Result<_>>()?;
+        probes.push(match split.known.get(i) {
+            Some((truth, _)) => Probe::known(*truth, candidates),
+            None => Probe::unknown(candidates),
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    gallery.flush()?;
+    Ok(mfn_eval::open_set::evaluate(&probes, &FARS, max_rank)?)
 }
