@@ -69,7 +69,9 @@ impl Precision {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RangeMethod {
-    /// The smallest and largest value seen (ONNX Runtime's default).
+    /// The smallest and largest value seen (ONNX Runtime's default). The mean over
+    /// batches of 32 of each batch's extremes, which clips rare outliers, did worse on the
+    /// golden faces (worst cosine to f32 0.990 against 0.997 on `w600k_mbf`).
     #[default]
     MinMax,
 }

@@ -18,6 +18,9 @@ const CALIBRATION_FACES: usize = mfn_model::quant::DEFAULT_CALIBRATION_IMAGES;
 /// (`w600k_mbf`), 0.9975 (y1).
 const MIN_COSINE: f32 = 0.996;
 
+/// Largest relative RMS error of one int8 product against its f32 one on the golden faces.
+const MAX_LAYER_ERROR: f32 = 0.05;
+
 fn golden_faces() -> Tensor {
     let dir = asset("golden/images");
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -77,6 +80,23 @@ fn check_model(rel: &str) {
         worst >= MIN_COSINE,
         "{rel}: worst cosine {worst} below {MIN_COSINE}"
     );
+    // Each product on its own, fed the f32 path's input.
+    let errors = int8_model.int8_layer_errors(&faces).unwrap();
+    assert_eq!(errors.len(), int8.layers.len());
+    let (worst_layer, worst_err) =
+        errors
+            .iter()
+            .cloned()
+            .fold((String::new(), 0f32), |m, e| if e.1 > m.1 { e } else { m });
+    let mean_err = errors.iter().map(|e| e.1).sum::<f32>() / errors.len() as f32;
+    eprintln!("{rel}: per-layer relative RMS error: mean {mean_err:.4}, worst {worst_err:.4} ({worst_layer})");
+    for (name, err) in &errors {
+        assert!(
+            *err < MAX_LAYER_ERROR,
+            "{rel}: {name} relative RMS error {err}"
+        );
+        assert!(*err > 0.0, "{rel}: {name} runs in f32");
+    }
     // The int8 path is the engine's, not a copy of the f32 one.
     assert!(
         worst < 0.999_999,

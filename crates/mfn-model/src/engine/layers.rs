@@ -323,7 +323,7 @@ impl Pointwise {
 
     /// `out = epilogue(x @ w)` over `m` rows, or `out = residual + bias + x @ w`; `q` is
     /// scratch for the quantised input of an int8 product.
-    pub(super) fn run(
+    pub(crate) fn run(
         &self,
         x: &[f32],
         m: usize,

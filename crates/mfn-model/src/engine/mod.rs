@@ -226,6 +226,21 @@ impl CpuEngine {
         self.run_observed(input, n, parallel, None, Some(observe));
     }
 
+    /// The matrix products in the order they run (see [`crate::quant::product_layers`]).
+    pub fn products(&self) -> Vec<&Pointwise> {
+        let mut out: Vec<&Pointwise> = self.stem_pw.iter().collect();
+        for b in &self.blocks {
+            out.push(&b.expand);
+            out.push(&b.project);
+        }
+        out.push(&self.last);
+        if let Pool::Reduce(p) = &self.pool {
+            out.push(p);
+        }
+        out.push(&self.head);
+        out
+    }
+
     fn run_observed(
         &self,
         input: &[f32],
