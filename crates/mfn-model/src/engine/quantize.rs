@@ -1,9 +1,9 @@
 //! Quantising a product's f32 input rows to u8 with one scale and zero point per channel:
 //! `q = clamp(round(x * inv_scale[c] + zero[c]), 0, 255)`, ties to even.
 //!
-//! The loop is written once and compiled for AVX-512 and for AVX2 besides the baseline,
-//! picked at run time: the compiler vectorises it (16 or 8 channels per instruction), and
-//! every version rounds the same way.
+//! AVX-512 (16 channels per instruction) where the CPU has it, else the portable loop
+//! (compiled for AVX2 too where that exists); both round ties to even and send NaN to 0,
+//! so every path gives the same bytes.
 
 /// Quantises `rows` rows of `k` f32 (contiguous) into `out`, rows of `k_stride` u8; the
 /// padding columns get 0 (their weights are zero).
@@ -64,7 +64,7 @@ fn rows_portable(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f")]
 fn rows_avx512(
     out: &mut [u8],
     x: &[f32],
@@ -74,7 +74,34 @@ fn rows_avx512(
     inv_scale: &[f32],
     zero: &[f32],
 ) {
-    rows_portable(out, x, rows, k, k_stride, inv_scale, zero)
+    use std::arch::x86_64::*;
+    let full = k / 16 * 16;
+    for (o, x) in out
+        .chunks_exact_mut(k_stride)
+        .zip(x.chunks_exact(k.max(1)))
+        .take(rows)
+    {
+        let mut c = 0;
+        while c < full {
+            // SAFETY: c + 16 <= k <= the lengths of x, inv_scale, zero and o.
+            unsafe {
+                let v = _mm512_loadu_ps(x.as_ptr().add(c));
+                let s = _mm512_loadu_ps(inv_scale.as_ptr().add(c));
+                let z = _mm512_loadu_ps(zero.as_ptr().add(c));
+                // max(NaN, 0) is 0: the second operand wins when either is NaN.
+                let y = _mm512_max_ps(_mm512_fmadd_ps(v, s, z), _mm512_setzero_ps());
+                let y = _mm512_min_ps(y, _mm512_set1_ps(255.0));
+                // The default rounding mode: to nearest, ties to even.
+                let q = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(y));
+                _mm_storeu_si128(o.as_mut_ptr().add(c) as *mut __m128i, q);
+            }
+            c += 16;
+        }
+        for c in full..k {
+            o[c] = (x[c].mul_add(inv_scale[c], zero[c]).round_ties_even()).clamp(0.0, 255.0) as u8;
+        }
+        o[k..].fill(0);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -108,5 +135,33 @@ mod tests {
         let mut portable = [9u8; 12];
         rows_portable(&mut portable, &x, 2, 4, 6, &inv, &zero);
         assert_eq!(out, portable);
+    }
+
+    #[test]
+    fn every_path_gives_the_same_bytes() {
+        let k = 53;
+        let x: Vec<f32> = (0..3 * k)
+            .map(|i| match i % 17 {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => -1e9,
+                _ => ((i * 7919 % 1000) as f32 - 300.0) * 0.37 + 0.5,
+            })
+            .collect();
+        let inv: Vec<f32> = (0..k).map(|c| 0.1 + c as f32 * 0.05).collect();
+        let zero: Vec<f32> = (0..k).map(|c| (c * 5 % 256) as f32).collect();
+        let mut want = vec![1u8; 3 * 64];
+        rows_portable(&mut want, &x, 3, k, 64, &inv, &zero);
+        let mut got = vec![2u8; 3 * 64];
+        quantize_rows(&mut got, &x, 3, k, 64, &inv, &zero);
+        assert_eq!(got, want);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            let mut avx2 = vec![3u8; 3 * 64];
+            // SAFETY: the CPU has AVX2 and FMA.
+            unsafe { rows_avx2(&mut avx2, &x, 3, k, 64, &inv, &zero) };
+            assert_eq!(avx2, want);
+        }
     }
 }
