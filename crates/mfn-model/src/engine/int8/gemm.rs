@@ -214,7 +214,7 @@ impl QWeights {
 
     /// Row length the activations must have: `k` rounded up to a multiple of 4, what the
     /// VNNI kernel consumes at once. The padding columns meet zero weights, so any value
-    /// there is harmless; [`super::quantize_rows`] writes the zero point.
+    /// there is harmless; the engine's quantiser writes 0 there.
     pub fn k_stride(&self) -> usize {
         self.k_stride
     }
