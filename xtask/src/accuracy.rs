@@ -232,8 +232,7 @@ pub fn run(args: Args) -> Result<()> {
                 None => model,
                 Some(c) => {
                     let dir = crate::assets(args.assets.as_deref())?.join(&c.calib);
-                    let model = model.dequantized()?;
-                    let int8 = mfn_data::calibration::calibrate(
+                    mfn_data::calibration::quantize(
                         &model,
                         &dir,
                         c.images,
@@ -242,8 +241,8 @@ pub fn run(args: Args) -> Result<()> {
                     )
                     .with_context(|| {
                         format!("entry `{}`: calibrating on {}", e.name, dir.display())
-                    })?;
-                    model.quantized(&int8)?
+                    })?
+                    .0
                 }
             };
             let stored = ckpt

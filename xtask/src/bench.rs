@@ -617,15 +617,15 @@ pub fn run(args: Args) -> Result<()> {
                 };
                 let n = mfn_model::quant::DEFAULT_CALIBRATION_IMAGES;
                 eprintln!("calibrating int8 on {n} faces of {}", dir.display());
-                let int8 = mfn_data::calibration::calibrate(
+                mfn_data::calibration::quantize(
                     &model,
                     &dir,
                     n,
                     mfn_model::quant::QuantizeOptions::default(),
                     |_, _| {},
                 )
-                .with_context(|| format!("calibrating on {}", dir.display()))?;
-                model.quantized(&int8)?
+                .with_context(|| format!("calibrating on {}", dir.display()))?
+                .0
             }
         },
     };

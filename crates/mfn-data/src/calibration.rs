@@ -114,6 +114,21 @@ pub fn calibrate(
     Ok(calibrator.finish(options, &source)?)
 }
 
+/// `model` with its matrix products in int8, calibrated on `n` faces of `dir` (any int8
+/// half it had is dropped first, so the ranges are the f32 network's), and that int8 half,
+/// for saving with [`mfn_model::Checkpoint::int8`].
+pub fn quantize(
+    model: &MobileFaceNet,
+    dir: &Path,
+    n: usize,
+    options: QuantizeOptions,
+    progress: impl FnMut(usize, usize),
+) -> Result<(MobileFaceNet, Int8)> {
+    let f32_model = model.dequantized()?;
+    let int8 = calibrate(&f32_model, dir, n, options, progress)?;
+    Ok((f32_model.quantized(&int8)?, int8))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -168,6 +168,14 @@ pub fn product_layers(config: &Config) -> Vec<ProductLayer> {
     out
 }
 
+/// [`product_layers`] by weight name.
+fn products_by_name(config: &Config) -> BTreeMap<String, ProductLayer> {
+    product_layers(config)
+        .into_iter()
+        .map(|l| (l.weight.clone(), l))
+        .collect()
+}
+
 /// The JSON under [`INT8_KEY`].
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -185,10 +193,7 @@ impl Int8 {
     /// Checks every layer against `config`: each is one of its products with the right
     /// shape, weights in `-127..=127`, scales finite and positive. Errors name `path`.
     pub fn check(&self, config: &Config, path: &Path) -> Result<()> {
-        let known: BTreeMap<String, ProductLayer> = product_layers(config)
-            .into_iter()
-            .map(|l| (l.weight.clone(), l))
-            .collect();
+        let known = products_by_name(config);
         let bad = |name: &str, message: String| Error::BadWeight {
             path: path.to_path_buf(),
             name: format!("{INT8_PREFIX}{name}"),
@@ -335,10 +340,7 @@ impl Int8 {
                 meta.format
             )));
         }
-        let known: BTreeMap<String, ProductLayer> = product_layers(config)
-            .into_iter()
-            .map(|l| (l.weight.clone(), l))
-            .collect();
+        let known = products_by_name(config);
         let mut layers = BTreeMap::new();
         if meta.layers.len() > known.len() {
             return Err(bad(format!(

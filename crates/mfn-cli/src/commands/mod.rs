@@ -243,10 +243,9 @@ impl RunArgs {
                 net = net.dequantized()?;
             }
             (Some(PrecisionArg::Int8), Some(dir)) => {
-                let net_f32 = net.dequantized()?;
                 let bar = progress(self.calib_images, "calibrating");
-                let int8 = mfn_data::calibration::calibrate(
-                    &net_f32,
+                let (quantized, int8) = mfn_data::calibration::quantize(
+                    &net,
                     dir,
                     self.calib_images,
                     mfn_model::quant::QuantizeOptions::default(),
@@ -257,7 +256,7 @@ impl RunArgs {
                 )
                 .with_context(|| format!("--calib: calibrating on {}", dir.display()))?;
                 bar.finish_and_clear();
-                net = net_f32.quantized(&int8)?;
+                net = quantized;
                 ckpt.int8 = Some(int8);
             }
             (Some(PrecisionArg::Int8), None) if ckpt.int8.is_none() => bail!(

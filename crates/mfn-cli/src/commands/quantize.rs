@@ -33,10 +33,9 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     check_output(&args.out, "--out")?;
     let (mut ckpt, model) = load_model(args.model.clone(), None)?;
-    let model = model.dequantized()?;
     let bar = progress(args.images, "calibrating");
     let int8 = mfn_data::calibration::calibrate(
-        &model,
+        &model.dequantized()?,
         &args.calib,
         args.images,
         QuantizeOptions {

@@ -40,6 +40,12 @@ pub(crate) fn quantize_rows(
     rows_portable(out, x, rows, k, k_stride, inv_scale, zero)
 }
 
+/// One value: NaN becomes 0 through the saturating cast.
+#[inline(always)]
+fn quantize_one(x: f32, inv_scale: f32, zero: f32) -> u8 {
+    (x.mul_add(inv_scale, zero).round_ties_even()).clamp(0.0, 255.0) as u8
+}
+
 #[inline(always)]
 fn rows_portable(
     out: &mut [u8],
@@ -56,8 +62,7 @@ fn rows_portable(
         .take(rows)
     {
         for (((q, &v), &s), &z) in o.iter_mut().zip(x).zip(inv_scale).zip(zero) {
-            // NaN becomes 0 through the saturating cast.
-            *q = (v.mul_add(s, z).round_ties_even()).clamp(0.0, 255.0) as u8;
+            *q = quantize_one(v, s, z);
         }
         o[k..].fill(0);
     }
@@ -98,7 +103,7 @@ fn rows_avx512(
             c += 16;
         }
         for c in full..k {
-            o[c] = (x[c].mul_add(inv_scale[c], zero[c]).round_ties_even()).clamp(0.0, 255.0) as u8;
+            o[c] = quantize_one(x[c], inv_scale[c], zero[c]);
         }
         o[k..].fill(0);
     }
