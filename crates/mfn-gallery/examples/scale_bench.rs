@@ -59,6 +59,11 @@ struct Args {
     threads: Vec<usize>,
     out: Option<PathBuf>,
     ef: Vec<usize>,
+    kernels: Vec<String>,
+    build_kernel: String,
+    rounds: usize,
+    m: Option<usize>,
+    ef_construction: Option<usize>,
 }
 
 fn args() -> Args {
@@ -70,6 +75,11 @@ fn args() -> Args {
         threads: vec![1, 2],
         out: None,
         ef: vec![64, 128, 256],
+        kernels: vec!["mfn".into()],
+        build_kernel: "mfn".into(),
+        rounds: 1,
+        m: None,
+        ef_construction: None,
     };
     let mut it = std::env::args().skip(1);
     let list = |s: String| -> Vec<usize> {
@@ -87,6 +97,13 @@ fn args() -> Args {
             "--threads" => a.threads = list(value()),
             "--ef" => a.ef = list(value()),
             "--out" => a.out = Some(value().into()),
+            "--kernels" => a.kernels = value().split(',').map(String::from).collect(),
+            "--build-kernel" => a.build_kernel = value(),
+            "--rounds" => a.rounds = value().parse().expect("--rounds N"),
+            "--m" => a.m = Some(value().parse().expect("--m M")),
+            "--ef-construction" => {
+                a.ef_construction = Some(value().parse().expect("--ef-construction E"))
+            }
             other => panic!("unknown argument {other}"),
         }
     }
@@ -105,6 +122,15 @@ fn rss_mb() -> f64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn write_f32(path: &std::path::Path, rows: &[f32]) {
@@ -172,6 +198,7 @@ fn main() {
         rng.unit_into(&mut q_rand);
     }
     let rows = base.len() / DIM;
+    println!("load average at start: {}", loadavg());
     println!(
         "gallery: {} random + {lfw_in_base} LFW = {rows} x {DIM}; queries: {} LFW (held out of \
          {lfw_rows}), {} random; top-{K}, batch 1",
@@ -209,7 +236,7 @@ fn main() {
         .collect();
     let mut results = Vec::new();
     println!(
-        "{:<6} {:>7} {:>8} {:>9} {:>9} {:>5} {:>10} {:>10} {:>10} {:>10}",
+        "{:<12} {:>7} {:>8} {:>9} {:>9} {:>5} {:>10} {:>10} {:>10} {:>10}",
         "index",
         "threads",
         "build s",
@@ -258,6 +285,15 @@ fn main() {
         else {
             unreachable!()
         };
+        let (m, ef_construction) = (
+            a.m.unwrap_or(m),
+            a.ef_construction.unwrap_or(ef_construction),
+        );
+        let kernel_is_library = |k: &str| match k {
+            "mfn" => false,
+            "library" => true,
+            other => panic!("kernel {other}: expected mfn or library"),
+        };
         let build_threads = *a.threads.iter().max().unwrap_or(&1);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(build_threads)
@@ -267,45 +303,75 @@ fn main() {
         let start = Instant::now();
         let mut hnsw = pool.install(|| {
             let mut h = HnswIndex::new(DIM, m, ef_construction, 64).unwrap();
+            h.use_library_kernel(kernel_is_library(&a.build_kernel))
+                .unwrap();
             for (i, d) in ids.chunks(50_000).zip(base.chunks(50_000 * DIM)) {
                 h.add(i, d).unwrap();
                 eprintln!(
-                    "  HNSW: {} rows, {:.0} s",
+                    "  HNSW: {} rows, {:.0} s, load {}",
                     h.len(),
-                    start.elapsed().as_secs_f64()
+                    start.elapsed().as_secs_f64(),
+                    loadavg()
                 );
             }
             h
         });
         let build = start.elapsed().as_secs_f64();
         let mb = rss_mb() - rss0;
-        println!("usearch distances: {}", hnsw.hardware_acceleration());
+        println!(
+            "HNSW M {m}, ef_construction {ef_construction}: built in {build:.1} s with the {} \
+             kernel on {build_threads} threads; MFN kernel: {}; load {}",
+            a.build_kernel,
+            hnsw.hardware_acceleration(),
+            loadavg()
+        );
         let index_mb = hnsw.memory_usage() as f64 / 1048576.0;
-        for &ef in &a.ef {
-            hnsw.set_ef_search(ef);
-            for &threads in &a.threads {
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .unwrap();
-                let h = &hnsw;
-                let row = pool.install(|| {
-                    let r: Vec<(f64, f64)> = sets
-                        .iter()
-                        .zip(&truth)
-                        .map(|((_, q), t)| {
-                            measure(&|q| h.search(q, K).iter().map(|s| s.id).collect(), q, t)
-                        })
-                        .collect();
-                    r
-                });
-                print_row("hnsw", threads, build, mb, index_mb, ef, &sets, &row);
-                results.push(serde_json::json!({
+        for round in 1..=a.rounds {
+            for kernel in &a.kernels {
+                hnsw.use_library_kernel(kernel_is_library(kernel)).unwrap();
+                println!("round {round}, {kernel} kernel, load {}", loadavg());
+                for &ef in &a.ef {
+                    hnsw.set_ef_search(ef);
+                    for &threads in &a.threads {
+                        let pool = rayon::ThreadPoolBuilder::new()
+                            .num_threads(threads)
+                            .build()
+                            .unwrap();
+                        let h = &hnsw;
+                        let row = pool.install(|| {
+                            let r: Vec<(f64, f64)> = sets
+                                .iter()
+                                .zip(&truth)
+                                .map(|((_, q), t)| {
+                                    measure(
+                                        &|q| h.search(q, K).iter().map(|s| s.id).collect(),
+                                        q,
+                                        t,
+                                    )
+                                })
+                                .collect();
+                            r
+                        });
+                        print_row(
+                            &format!("hnsw-{kernel}"),
+                            threads,
+                            build,
+                            mb,
+                            index_mb,
+                            ef,
+                            &sets,
+                            &row,
+                        );
+                        results.push(serde_json::json!({
                     "index": "hnsw", "m": m, "ef_construction": ef_construction, "ef_search": ef,
                     "threads": threads, "build_threads": build_threads, "build_s": build,
+                    "build_kernel": a.build_kernel, "kernel": kernel, "round": round,
+                    "load": loadavg(),
                     "rss_mb": mb, "index_mb": index_mb, "rows": rows,
                     "results": json_rows(&sets, &row),
                 }));
+                    }
+                }
             }
         }
     }
@@ -337,7 +403,7 @@ fn print_row(
     };
     let (l, r) = (get("lfw"), get("random"));
     println!(
-        "{name:<6} {threads:>7} {build:>8.1} {rss:>9.0} {index_mb:>9.0} {:>5} {:>10.3} {:>10.4} {:>10.3} {:>10.4}",
+        "{name:<12} {threads:>7} {build:>8.1} {rss:>9.0} {index_mb:>9.0} {:>5} {:>10.3} {:>10.4} {:>10.3} {:>10.4}",
         if ef == 0 { "-".to_string() } else { ef.to_string() },
         l.0, l.1, r.0, r.1
     );

@@ -130,6 +130,94 @@ impl std::fmt::Debug for HnswIndex {
     }
 }
 
+/// A dot product of two equally long f32 slices.
+type DotFn = fn(&[f32], &[f32]) -> f32;
+
+/// The fastest dot-product kernel for this CPU and its name: AVX-512 (four 16-lane
+/// accumulators), AVX2 + FMA, or plain Rust.
+///
+/// `usearch`'s own f32 inner product (NumKong's `nk_dot_f32_*`) widens every product to
+/// f64 and sums it in a single accumulator, a chain of dependent multiply-adds: at 512
+/// dimensions it is several times slower than an f32 kernel with independent
+/// accumulators, and an HNSW add or search is mostly distance computations. The index
+/// therefore hands `usearch` this kernel instead ([`install_metric`]); the distance is
+/// the same (`1 - a.b`), so graphs and files are unchanged.
+pub fn distance_kernel() -> (&'static str, DotFn) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return ("avx512", |a, b| {
+                // SAFETY: the CPU has AVX-512F.
+                unsafe { dot_avx512(a, b) }
+            });
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return ("avx2+fma", |a, b| {
+                // SAFETY: the CPU has AVX2 and FMA.
+                unsafe { dot_avx2(a, b) }
+            });
+        }
+    }
+    ("scalar", crate::index::dot::<false>)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    crate::index::dot::<true>(a, b)
+}
+
+/// Dot product in four 16-lane AVX-512 accumulators, the tail masked.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY (all loads): `i + 16 * j + 16 <= n`, or masked to the `n - i` left.
+    while i + 64 <= n {
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let x = _mm512_loadu_ps(pa.add(i + 16 * j));
+            let y = _mm512_loadu_ps(pb.add(i + 16 * j));
+            *acc = _mm512_fmadd_ps(x, y, *acc);
+        }
+        i += 64;
+    }
+    while i + 16 <= n {
+        let x = _mm512_loadu_ps(pa.add(i));
+        let y = _mm512_loadu_ps(pb.add(i));
+        acc[0] = _mm512_fmadd_ps(x, y, acc[0]);
+        i += 16;
+    }
+    if i < n {
+        let mask: __mmask16 = ((1u32 << (n - i)) - 1) as u16;
+        let x = _mm512_maskz_loadu_ps(mask, pa.add(i));
+        let y = _mm512_maskz_loadu_ps(mask, pb.add(i));
+        acc[1] = _mm512_fmadd_ps(x, y, acc[1]);
+    }
+    let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    _mm512_reduce_add_ps(s)
+}
+
+/// Makes `inner` measure distances with [`distance_kernel`]: `1 - a.b` over `dim`
+/// values, what `usearch`'s `IP` metric computes.
+fn install_metric(inner: &mut usearch::Index, dim: usize) {
+    let (_, dot) = distance_kernel();
+    inner.change_metric::<f32>(Box::new(move |a: *const f32, b: *const f32| {
+        // SAFETY: `usearch` passes two of its vectors (or the query), `dim` f32 each.
+        let (a, b) = unsafe {
+            (
+                std::slice::from_raw_parts(a, dim),
+                std::slice::from_raw_parts(b, dim),
+            )
+        };
+        1.0 - dot(a, b)
+    }));
+}
+
 /// An error of the graph library.
 fn graph_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Invalid(format!("the HNSW index: {what}: {e}"))
@@ -146,6 +234,14 @@ impl HnswIndex {
     /// `ef_construction` candidates explored per add, `ef_search` per search (raised to
     /// `k`).
     pub fn new(dim: usize, m: usize, ef_construction: usize, ef_search: usize) -> Result<Self> {
+        let mut index = Self::bare(dim, m, ef_construction, ef_search)?;
+        install_metric(&mut index.inner, dim);
+        Ok(index)
+    }
+
+    /// [`HnswIndex::new`] still measuring with `usearch`'s own kernel (a loaded graph gets
+    /// [`install_metric`] after loading, which resets the metric).
+    fn bare(dim: usize, m: usize, ef_construction: usize, ef_search: usize) -> Result<Self> {
         if dim == 0 || !(2..=256).contains(&m) || ef_construction == 0 || ef_search == 0 {
             return Err(Error::Invalid(format!(
                 "HNSW options dim {dim}, m {m}, ef_construction {ef_construction}, ef_search \
@@ -201,10 +297,26 @@ impl HnswIndex {
         self.inner.change_expansion_search(self.ef_search);
     }
 
-    /// The instruction set `usearch` measures distances with for this index (`serial`
-    /// when it found no SIMD kernel for the CPU), for reports.
+    /// The kernel distances are measured with (see [`distance_kernel`]), for reports.
     pub fn hardware_acceleration(&self) -> String {
-        self.inner.hardware_acceleration()
+        distance_kernel().0.to_string()
+    }
+
+    /// Measures distances with `usearch`'s own f32 inner-product kernel (`library`
+    /// true) or with [`distance_kernel`] (the default): the same distance, for comparing
+    /// the two kernels' speed on one graph (`examples/scale_bench.rs`). Not kept across a
+    /// save and load; each switch back leaves `usearch`'s wrapper a few bytes it does not
+    /// free until the index is dropped.
+    #[doc(hidden)]
+    pub fn use_library_kernel(&mut self, library: bool) -> Result<()> {
+        if library {
+            self.inner
+                .change_metric_kind(MetricKind::IP)
+                .map_err(|e| graph_error("changing its metric", e))
+        } else {
+            install_metric(&mut self.inner, self.dim);
+            Ok(())
+        }
     }
 
     /// Bytes the graph and its vectors take, as `usearch` counts them.
@@ -387,12 +499,14 @@ impl HnswIndex {
         {
             return Err("its graph was built for other vectors".into());
         }
-        let mut index =
-            Self::new(tag.dim, tag.m, tag.ef_construction, ef_search).map_err(|e| e.to_string())?;
+        let mut index = Self::bare(tag.dim, tag.m, tag.ef_construction, ef_search)
+            .map_err(|e| e.to_string())?;
         index
             .inner
             .load_from_buffer(payload)
             .map_err(|e| format!("its graph does not load: {e}"))?;
+        // Loading puts the library's own kernel back: ours again (the same distance).
+        install_metric(&mut index.inner, tag.dim);
         if index.inner.size() != ids.len() || !ids.iter().all(|id| index.inner.contains(*id as u64))
         {
             return Err("its graph and its list of ids disagree".into());
@@ -797,6 +911,26 @@ fn remove_stale_temps(dir: &Path, prefix: &str) {
         };
         if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
             let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_distance_kernel_matches_a_plain_sum() {
+        let (name, dot) = distance_kernel();
+        for n in [1, 15, 16, 17, 63, 64, 65, 100, 512, 515] {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 5.0).collect();
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            let got = dot(&a, &b) as f64;
+            assert!(
+                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                "{name}, {n} values: {got} against {want}"
+            );
         }
     }
 }

@@ -12,6 +12,16 @@
 //! Rows default to 100000. The server gets 2 GB of shared buffers, 4 GB of
 //! `maintenance_work_mem` (the HNSW graph is built in memory when it fits) and every core
 //! for the parallel build.
+//!
+//! `hnsw_on_scale_bench_vectors` loads the very vectors `examples/scale_bench.rs` wrote
+//! (`--out DIR`: `base.f32`, `q_lfw.f32`, `q_rand.f32`), so pgvector is measured on the
+//! data MFN's index and FAISS were:
+//!
+//! ```sh
+//! MFN_PG_BENCH_VECTORS=DIR MFN_PG_BENCH_EF=128,256,384,512 MFN_PG_BENCH_WORKERS=2 \
+//!     cargo test --release -p mfn-gallery --test postgres_bench -- --ignored --nocapture \
+//!     hnsw_on_scale_bench_vectors
+//! ```
 
 mod common;
 
@@ -210,6 +220,160 @@ fn hnsw_against_exact() {
             recall,
             probe_found as f64 / (probes.len() * K) as f64,
             top1 as f64 / probes.len() as f64,
+        );
+    }
+}
+
+/// Raw little-endian f32 rows of `DIM` from `path`.
+fn read_rows(path: &std::path::Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        bytes.len() % (DIM * 4) == 0,
+        "{}: not rows of {DIM} f32",
+        path.display()
+    );
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+#[ignore = "a benchmark: minutes of index build; needs MFN_PG_BENCH_VECTORS"]
+fn hnsw_on_scale_bench_vectors() {
+    let Some(dir) = std::env::var_os("MFN_PG_BENCH_VECTORS").map(std::path::PathBuf::from) else {
+        println!("MFN_PG_BENCH_VECTORS is not set: nothing to measure");
+        return;
+    };
+    let efs: Vec<u32> = std::env::var("MFN_PG_BENCH_EF")
+        .unwrap_or_else(|_| "64,128,256".into())
+        .split(',')
+        .map(|e| e.parse().expect("MFN_PG_BENCH_EF: a list of numbers"))
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let workers = std::env::var("MFN_PG_BENCH_WORKERS")
+        .unwrap_or_else(|_| cores.saturating_sub(1).max(1).to_string());
+    let processes = (cores + 8).to_string();
+    let base = read_rows(&dir.join("base.f32"));
+    let sets: Vec<(&str, Vec<f32>)> = [("lfw", "q_lfw.f32"), ("random", "q_rand.f32")]
+        .into_iter()
+        .map(|(name, file)| (name, read_rows(&dir.join(file))))
+        .filter(|(_, q)| !q.is_empty())
+        .collect();
+    let rows = base.len() / DIM;
+    let server = PgServer::start_with(&[
+        ("shared_buffers", "2GB"),
+        ("maintenance_work_mem", "4GB"),
+        ("max_worker_processes", &processes),
+        ("max_parallel_workers", &workers),
+        ("max_parallel_maintenance_workers", &workers),
+        ("max_parallel_workers_per_gather", &workers),
+    ]);
+    let url = server.url("postgres");
+    let model = Fingerprint::from_bytes([1; 32]);
+    let mut store = PgStore::create(&url, &model, DIM).unwrap();
+    store.drop_search_index().unwrap();
+
+    let mut truth = ExactIndex::with_capacity(DIM, rows);
+    let start = Instant::now();
+    for (b, chunk) in base.chunks(10_000 * DIM).enumerate() {
+        let batch: Vec<Enrollment> = chunk
+            .chunks_exact(DIM)
+            .enumerate()
+            .map(|(i, v)| Enrollment {
+                label: format!("r{}", b * 10_000 + i),
+                embedding: v.to_vec(),
+                source: None,
+            })
+            .collect();
+        let ids = store.insert(&batch, 0).unwrap();
+        for (id, e) in ids.iter().zip(&batch) {
+            truth.push(*id, &e.embedding).unwrap();
+        }
+    }
+    let load = start.elapsed();
+    common::client(&server, "postgres")
+        .batch_execute("VACUUM ANALYZE mfn_faces")
+        .unwrap();
+    println!(
+        "loaded {rows} rows from {} in {:.1} s; building the index (m 16, ef_construction 200) \
+         with max_parallel_maintenance_workers {workers}, load {}",
+        dir.display(),
+        load.as_secs_f64(),
+        loadavg()
+    );
+    let start = Instant::now();
+    store.build_search_index().unwrap();
+    let build = start.elapsed();
+    let sizes = common::client(&server, "postgres")
+        .query_one(
+            "SELECT pg_total_relation_size('mfn_faces') - pg_relation_size('mfn_faces_embedding'), \
+             pg_relation_size('mfn_faces_embedding')",
+            &[],
+        )
+        .unwrap();
+    let (table, index): (i64, i64) = (sizes.get(0), sizes.get(1));
+    println!(
+        "index build {:.1} s; table {:.0} MB, index {:.0} MB; load {}",
+        build.as_secs_f64(),
+        table as f64 / 1048576.0,
+        index as f64 / 1048576.0,
+        loadavg()
+    );
+    let mut g = Gallery::with_store(Box::new(store));
+    let want: Vec<Vec<Vec<i64>>> = sets
+        .iter()
+        .map(|(_, q)| {
+            truth
+                .search_many(q, K)
+                .into_iter()
+                .map(|hits| hits.iter().map(|s| s.id).collect())
+                .collect()
+        })
+        .collect();
+    println!(
+        "{:<24} {:>8} {:>10} {:>8} {:>10}",
+        "search, batch 1, top-10", "queries", "median ms", "p95 ms", "recall@10"
+    );
+    let mut measure = |name: &str, search: ServerSearch, limit: usize| {
+        g.set_server_search(search);
+        for (_, q) in &sets {
+            for q in q.chunks_exact(DIM).take(5) {
+                g.search(q, K).unwrap();
+            }
+        }
+        for ((set, q), want) in sets.iter().zip(&want) {
+            let (mut times, mut found, mut total) = (Vec::new(), 0, 0);
+            for (q, want) in q.chunks_exact(DIM).zip(want).take(limit) {
+                let t = Instant::now();
+                let hits = g.search(q, K).unwrap();
+                times.push(t.elapsed());
+                found += hits.iter().filter(|h| want.contains(&h.id)).count();
+                total += want.len();
+            }
+            let (ms, p95) = median_and_p95(times);
+            println!(
+                "{name:<24} {set:>8} {ms:>10.2} {p95:>8.2} {:>10.4}   load {}",
+                found as f64 / total as f64,
+                loadavg()
+            );
+        }
+    };
+    measure("exact (server scan)", ServerSearch::Exact, 20);
+    for &ef in &efs {
+        measure(
+            &format!("HNSW ef_search {ef}"),
+            ServerSearch::Hnsw { ef_search: ef },
+            usize::MAX,
         );
     }
 }
