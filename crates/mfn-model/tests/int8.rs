@@ -14,12 +14,13 @@ use mfn_model::{Checkpoint, Int8, MobileFaceNet, Precision};
 /// Faces to calibrate on: what `mfn-cli quantize` takes by default.
 const CALIBRATION_FACES: usize = mfn_model::quant::DEFAULT_CALIBRATION_IMAGES;
 
-/// Worst cosine to the f32 outputs allowed on the golden faces. Measured: 0.9971
-/// (`w600k_mbf`), 0.9975 (y1).
-const MIN_COSINE: f32 = 0.996;
+/// Worst cosine to the f32 outputs allowed on the golden faces. Measured: 0.99924
+/// (`w600k_mbf`), 0.99947 (y1).
+const MIN_COSINE: f32 = 0.999;
 
 /// Largest relative RMS error of one int8 product against its f32 one on the golden faces.
-const MAX_LAYER_ERROR: f32 = 0.05;
+/// Measured: 0.0136 (`w600k_mbf`), 0.0155 (y1).
+const MAX_LAYER_ERROR: f32 = 0.025;
 
 fn golden_faces() -> Tensor {
     let dir = asset("golden/images");

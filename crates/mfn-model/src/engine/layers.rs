@@ -57,9 +57,11 @@ pub(crate) struct Pointwise {
     pub int8: Option<Int8Product>,
 }
 
-/// A pointwise layer's int8 product: each input channel `c` is quantised with its own
-/// scale and zero point, the scales folded into the weights `q`, so that
-/// `y = (acc - sum_c zero[c] * q[c]) * w_scale + bias`, with `acc` the exact i32 product.
+/// A pointwise layer's int8 product. Input channel `c` is brought to its calibrated grid
+/// `u = x / in_scale[c] + zero[c]` (the scales folded into the weights `q`), and each row
+/// is quantised over its own span, `u ≈ low + step * a` (see `super::quantize`), so that
+/// `y = w_scale * (step * acc + low * sum_c q[c] - sum_c zero[c] * q[c]) + bias`, with
+/// `acc` the exact i32 product of `a` and `q`.
 #[derive(Clone, Debug)]
 pub(crate) struct Int8Product {
     pub w: int8::QWeights,
@@ -67,6 +69,8 @@ pub(crate) struct Int8Product {
     pub scale: Vec<f32>,
     /// Per output channel: `bias - w_scale * sum_c zero[c] * q[c]`.
     pub offset: Vec<f32>,
+    /// Per output channel: `w_scale * sum_c q[c]`.
+    pub low_weight: Vec<f32>,
     /// Per input channel.
     pub inv_in_scale: Vec<f32>,
     /// Per input channel, as f32 for the rounding.
@@ -298,10 +302,11 @@ impl Pointwise {
     pub fn with_int8(mut self, q: Vec<i8>, w_scale: &[f32], in_scale: &[f32], zero: &[u8]) -> Self {
         let (cin, cout) = (self.cin, self.cout);
         debug_assert_eq!(q.len(), cin * cout);
-        let mut zero_sum = vec![0i64; cout];
+        let (mut zero_sum, mut weight_sum) = (vec![0i64; cout], vec![0i64; cout]);
         for (row, &z) in q.chunks_exact(cout).zip(zero) {
-            for (acc, &w) in zero_sum.iter_mut().zip(row) {
+            for ((acc, sum), &w) in zero_sum.iter_mut().zip(&mut weight_sum).zip(row) {
                 *acc += z as i64 * w as i64;
+                *sum += w as i64;
             }
         }
         let offset = self
@@ -311,10 +316,16 @@ impl Pointwise {
             .zip(&zero_sum)
             .map(|((b, s), &sum)| b - (sum as f64 * *s as f64) as f32)
             .collect();
+        let low_weight = w_scale
+            .iter()
+            .zip(&weight_sum)
+            .map(|(s, &sum)| (sum as f64 * *s as f64) as f32)
+            .collect();
         self.int8 = Some(Int8Product {
             w: int8::QWeights::new(&q, cin, cout),
             scale: w_scale.to_vec(),
             offset,
+            low_weight,
             inv_in_scale: in_scale.iter().map(|s| 1.0 / s).collect(),
             zero: zero.iter().map(|&z| z as f32).collect(),
         });
@@ -375,8 +386,11 @@ impl Pointwise {
         let task = |t: usize, (o, qt): (&mut [f32], &mut [u8])| {
             let rows = o.len() / cout;
             let r0 = t * tile;
+            let (mut step, mut low) = (vec![0f32; rows], vec![0f32; rows]);
             super::quantize::quantize_rows(
                 qt,
+                &mut step,
+                &mut low,
                 &x[r0 * cin..(r0 + rows) * cin],
                 rows,
                 cin,
@@ -387,6 +401,9 @@ impl Pointwise {
             let ep = int8::QEpilogue {
                 scale: &p.scale,
                 offset: &p.offset,
+                low_weight: &p.low_weight,
+                row_step: &step,
+                row_low: &low,
                 slope: self.slope.as_deref(),
                 cap: self.cap,
                 residual: residual.map(|res| &res[r0 * cout..(r0 + rows) * cout]),

@@ -77,7 +77,7 @@ unsafe fn dot<T, const R: usize, const V: usize>(
 /// The CPU has AVX2 and FMA; `a` holds `R` rows of `ks`; `b` holds the panel, with
 /// `stride >= V * 8` (best aligned to 16 times the size of `T`, which the loads do not
 /// need); `out` and `residual` hold `R` rows of `n` from which `cols <= V * 8` columns are
-/// in bounds, and `ep`'s per-column vectors `col0 + cols`.
+/// in bounds, `ep`'s per-column vectors `col0 + cols` and its per-row ones `row0 + R`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -90,6 +90,7 @@ unsafe fn tile<T, const R: usize, const V: usize>(
     n: usize,
     cols: usize,
     ep: &QEpilogue,
+    row0: usize,
     col0: usize,
     residual: Option<*const f32>,
 ) {
@@ -106,9 +107,14 @@ unsafe fn tile<T, const R: usize, const V: usize>(
             }
             let scale = _mm256_loadu_ps(ep.scale.as_ptr().add(col0 + c));
             let offset = _mm256_loadu_ps(ep.offset.as_ptr().add(col0 + c));
+            let low_weight = _mm256_loadu_ps(ep.low_weight.as_ptr().add(col0 + c));
             let slope = ep.slope.map(|s| _mm256_loadu_ps(s.as_ptr().add(col0 + c)));
             for (r, row) in acc.iter().enumerate() {
-                let mut y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(row[v]), scale, offset);
+                // The same operations, in the same order, as `QEpilogue::dequantise`.
+                let low = _mm256_set1_ps(ep.row_low[row0 + r]);
+                let shift = _mm256_fmadd_ps(low, low_weight, offset);
+                let s = _mm256_mul_ps(scale, _mm256_set1_ps(ep.row_step[row0 + r]));
+                let mut y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(row[v]), s, shift);
                 if let Some(s) = slope {
                     y = _mm256_fmadd_ps(s, _mm256_min_ps(y, zero), _mm256_max_ps(y, zero));
                 }
@@ -133,7 +139,7 @@ unsafe fn tile<T, const R: usize, const V: usize>(
             for (r, l) in lanes.iter().enumerate() {
                 for (j, &s) in l.iter().enumerate().take(cols - c) {
                     let col = col0 + c + j;
-                    let mut y = s as f32 * ep.scale[col] + ep.offset[col];
+                    let mut y = ep.dequantise(s, row0 + r, col);
                     if let Some(sl) = ep.slope {
                         y = y.max(0.0) + sl[col] * y.min(0.0);
                     }
@@ -218,7 +224,7 @@ pub(super) unsafe fn matmul<T>(
                         // SAFETY: the extents are as `tile` requires: `r` widened rows,
                         // this panel's `ks x stride` weights and `cols` columns from `c0`.
                         $($v => unsafe {
-                            tile::<T, $r, $v>(ap, ks, b, stride, o, n, cols, &ep, c0, res)
+                            tile::<T, $r, $v>(ap, ks, b, stride, o, n, cols, &ep, r0, c0, res)
                         },)*
                         _ => unreachable!(),
                     }

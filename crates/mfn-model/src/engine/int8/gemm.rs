@@ -278,13 +278,16 @@ fn pack<T: Copy>(
     (data, offset)
 }
 
-/// What follows the integer product, per output row `y` of i32 accumulators `acc`:
-/// `y[j] = acc[j] as f32 * scale[j] + offset[j]`, then PReLU with one slope per column
-/// when `slope` is given, then `min(y, cap)` when `cap` is given, then `y += residual`.
+/// What follows the integer product, per output row `r` of i32 accumulators `acc`:
+/// `y[j] = acc[j] as f32 * (scale[j] * row_step[r]) + (row_low[r] * low_weight[j] + offset[j])`,
+/// then PReLU with one slope per column when `slope` is given, then `min(y, cap)` when
+/// `cap` is given, then `y += residual`.
 ///
-/// `scale` carries the activation scale times the column's weight scale, and `offset`
-/// the bias less the zero point's share (`zero * col_sums[j] * scale[j]`), so that the
-/// dequantisation costs one fused multiply-add while the tile is in registers.
+/// Row `r`'s activations were quantised with its own `row_step` from its own `row_low`
+/// (see `engine::quantize`). `scale` carries the column's weight scale, `low_weight` that
+/// scale times the column's weight sum (the share of `row_low`), and `offset` the bias less
+/// the calibrated zero points' share, so that the dequantisation costs two fused
+/// multiply-adds while the tile is in registers.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct QEpilogue<'a> {
     /// `n` values.
@@ -292,10 +295,25 @@ pub(crate) struct QEpilogue<'a> {
     /// `n` values.
     pub offset: &'a [f32],
     /// `n` values.
+    pub low_weight: &'a [f32],
+    /// `rows` values.
+    pub row_step: &'a [f32],
+    /// `rows` values.
+    pub row_low: &'a [f32],
+    /// `n` values.
     pub slope: Option<&'a [f32]>,
     pub cap: Option<f32>,
     /// `rows x n`, laid out as the output.
     pub residual: Option<&'a [f32]>,
+}
+
+impl QEpilogue<'_> {
+    /// Column `c` of row `r` before the activation: the one rounding every kernel repeats.
+    #[inline(always)]
+    pub(super) fn dequantise(&self, acc: i32, r: usize, c: usize) -> f32 {
+        let shift = self.row_low[r].mul_add(self.low_weight[c], self.offset[c]);
+        (acc as f32).mul_add(self.scale[c] * self.row_step[r], shift)
+    }
 }
 
 /// `out (rows x n) = epilogue(a (rows x k_stride) @ w)`, on the calling thread, with the
@@ -307,8 +325,12 @@ pub(crate) fn matmul(out: &mut [f32], a: &[u8], rows: usize, w: &QWeights, ep: Q
         "operands too short"
     );
     assert!(
-        ep.scale.len() >= n && ep.offset.len() >= n,
+        ep.scale.len() >= n && ep.offset.len() >= n && ep.low_weight.len() >= n,
         "epilogue too short"
+    );
+    assert!(
+        ep.row_step.len() >= rows && ep.row_low.len() >= rows,
+        "row steps too short"
     );
     assert!(ep.slope.is_none_or(|s| s.len() >= n), "slopes too short");
     assert!(
@@ -345,7 +367,7 @@ pub(crate) fn matmul(out: &mut [f32], a: &[u8], rows: usize, w: &QWeights, ep: Q
 /// The epilogue on output row `r` (of `n` columns) from its finished accumulators `acc`.
 fn epilogue_row(out: &mut [f32], acc: &[i32], ep: &QEpilogue, r: usize, n: usize) {
     for (c, (o, &v)) in out.iter_mut().zip(acc).enumerate() {
-        let mut y = v as f32 * ep.scale[c] + ep.offset[c];
+        let mut y = ep.dequantise(v, r, c);
         if let Some(s) = ep.slope {
             y = y.max(0.0) + s[c] * y.min(0.0);
         }
@@ -471,9 +493,13 @@ mod tests {
         let a = activations(rng, rows, ks);
         let ones = vec![1f32; n];
         let zeros = vec![0f32; n];
+        let (row_ones, row_zeros) = (vec![1f32; rows], vec![0f32; rows]);
         let ep = QEpilogue {
             scale: &ones,
             offset: &zeros,
+            low_weight: &zeros,
+            row_step: &row_ones,
+            row_low: &row_zeros,
             slope: None,
             cap: None,
             residual: None,
@@ -561,9 +587,13 @@ mod tests {
                 let a = vec![x; rows * w.k_stride()];
                 let ones = vec![1f32; n];
                 let zeros = vec![0f32; n];
+                let (row_ones, row_zeros) = (vec![1f32; rows], vec![0f32; rows]);
                 let ep = QEpilogue {
                     scale: &ones,
                     offset: &zeros,
+                    low_weight: &zeros,
+                    row_step: &row_ones,
+                    row_low: &row_zeros,
                     slope: None,
                     cap: None,
                     residual: None,
@@ -588,6 +618,9 @@ mod tests {
                 let a = activations(&mut rng, rows, ks);
                 let scale = rng.f32s(n, 1e-4, 1e-3);
                 let offset = rng.f32s(n, -2.0, 2.0);
+                let low_weight = rng.f32s(n, -0.5, 0.5);
+                let row_step = rng.f32s(rows, 0.25, 2.0);
+                let row_low = rng.f32s(rows, -10.0, 200.0);
                 let slope = rng.f32s(n, -0.5, 0.5);
                 let res = rng.f32s(rows * n, -3.0, 3.0);
                 let acc = reference(&a, ks, &wt, rows, k, n);
@@ -602,6 +635,9 @@ mod tests {
                     let ep = QEpilogue {
                         scale: &scale,
                         offset: &offset,
+                        low_weight: &low_weight,
+                        row_step: &row_step,
+                        row_low: &row_low,
                         slope,
                         cap,
                         residual,
@@ -610,7 +646,10 @@ mod tests {
                     matmul(&mut out, &a, rows, &w, ep);
                     for r in 0..rows {
                         for c in 0..n {
-                            let mut y = acc[r * n + c] as f64 * scale[c] as f64 + offset[c] as f64;
+                            let mut y =
+                                acc[r * n + c] as f64 * scale[c] as f64 * row_step[r] as f64
+                                    + row_low[r] as f64 * low_weight[c] as f64
+                                    + offset[c] as f64;
                             if let Some(s) = slope {
                                 y = y.max(0.0) + s[c] as f64 * y.min(0.0);
                             }
@@ -660,9 +699,13 @@ mod tests {
             drop(w);
             let ones = vec![1f32; n];
             let zeros = vec![0f32; n];
+            let (row_ones, row_zeros) = (vec![1f32; rows], vec![0f32; rows]);
             let ep = QEpilogue {
                 scale: &ones,
                 offset: &zeros,
+                low_weight: &zeros,
+                row_step: &row_ones,
+                row_low: &row_zeros,
                 slope: None,
                 cap: None,
                 residual: None,
@@ -691,6 +734,9 @@ mod tests {
         let ep = QEpilogue {
             scale: &[1.0; 2],
             offset: &[0.0; 2],
+            low_weight: &[0.0; 2],
+            row_step: &[1.0; 2],
+            row_low: &[0.0; 2],
             slope: None,
             cap: None,
             residual: None,
@@ -772,6 +818,7 @@ mod speed {
             let mut rng = tests::Rng::new(5);
             let wt = rng.i8s(k * n);
             let scale = vec![1e-4f32; n];
+            let (row_step, row_low) = (vec![1f32; m], vec![0f32; m]);
             for isa in Isa::ALL.into_iter().filter(|i| i.supported()) {
                 let w = QWeights::for_isa(isa, &wt, k, n);
                 let a = rng.u8s(m * w.k_stride());
@@ -779,6 +826,9 @@ mod speed {
                     let ep = QEpilogue {
                         scale: &scale,
                         offset: &bias,
+                        low_weight: &bias,
+                        row_step: &row_step,
+                        row_low: &row_low,
                         slope: Some(&slope),
                         cap: None,
                         residual: None,

@@ -33,8 +33,8 @@ fn lanes(cols: usize) -> __mmask16 {
 /// # Safety
 /// The CPU has AVX-512F/BW/VNNI; `a` holds `R` rows of `ks`; `b` holds the panel, with
 /// `stride >= V * 16` (best 64-byte aligned, which the loads do not need); `out` and
-/// `residual` hold `R` rows of `n` from which `cols <= V * 16` columns are in bounds, and
-/// `ep`'s per-column vectors `col0 + cols`.
+/// `residual` hold `R` rows of `n` from which `cols <= V * 16` columns are in bounds,
+/// `ep`'s per-column vectors `col0 + cols` and its per-row ones `row0 + R`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
@@ -47,6 +47,7 @@ unsafe fn tile<const R: usize, const V: usize>(
     n: usize,
     cols: usize,
     ep: &QEpilogue,
+    row0: usize,
     col0: usize,
     residual: Option<*const f32>,
 ) {
@@ -73,20 +74,27 @@ unsafe fn tile<const R: usize, const V: usize>(
         let mut mask = [0; V];
         let mut scale = [zero; V];
         let mut offset = [zero; V];
+        let mut low_weight = [zero; V];
         let mut slope = [zero; V];
         for v in 0..V {
             let c = col0 + v * 16;
             mask[v] = lanes(cols - v * 16);
             scale[v] = _mm512_maskz_loadu_ps(mask[v], ep.scale.as_ptr().add(c));
             offset[v] = _mm512_maskz_loadu_ps(mask[v], ep.offset.as_ptr().add(c));
+            low_weight[v] = _mm512_maskz_loadu_ps(mask[v], ep.low_weight.as_ptr().add(c));
             if let Some(s) = ep.slope {
                 slope[v] = _mm512_maskz_loadu_ps(mask[v], s.as_ptr().add(c));
             }
         }
         for (r, row) in acc.iter().enumerate() {
+            // The same operations, in the same order, as `QEpilogue::dequantise`.
+            let step = _mm512_set1_ps(ep.row_step[row0 + r]);
+            let low = _mm512_set1_ps(ep.row_low[row0 + r]);
             for v in 0..V {
                 let (c, m) = (r * n + v * 16, mask[v]);
-                let mut y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(row[v]), scale[v], offset[v]);
+                let shift = _mm512_fmadd_ps(low, low_weight[v], offset[v]);
+                let s = _mm512_mul_ps(scale[v], step);
+                let mut y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(row[v]), s, shift);
                 if ep.slope.is_some() {
                     y = _mm512_fmadd_ps(slope[v], _mm512_min_ps(y, zero), _mm512_max_ps(y, zero));
                 }
@@ -147,7 +155,7 @@ pub(super) unsafe fn matmul(
                         // `r0`, this panel's `ks x stride` weights and `cols` columns
                         // from `c0`.
                         $($v => unsafe {
-                            tile::<$r, $v>(ap, ks, b, stride, o, n, cols, &ep, c0, res)
+                            tile::<$r, $v>(ap, ks, b, stride, o, n, cols, &ep, r0, c0, res)
                         },)*
                         _ => unreachable!(),
                     }
