@@ -94,10 +94,37 @@ unsafe fn tile<T, const R: usize, const V: usize>(
     col0: usize,
     residual: Option<*const f32>,
 ) {
+    // SAFETY: the caller guarantees what `dot` and `finish` need.
+    unsafe {
+        let acc = dot::<T, R, V>(a, ks, b, stride);
+        finish::<R, V>(&acc, out, n, cols, ep, row0, col0, residual);
+    }
+}
+
+/// The epilogue of one `R x (V * 8)` tile of i32 accumulators `acc` and the store of its
+/// first `cols` columns into `out` (row stride `n`, already offset to the tile's first
+/// column `col0`; `residual` likewise). Shared with the AVX-VNNI kernel.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `out` and `residual` hold `R` rows of `n` from which
+/// `cols <= V * 8` columns are in bounds, `ep`'s per-column vectors `col0 + cols` and its
+/// per-row ones `row0 + R`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(super) unsafe fn finish<const R: usize, const V: usize>(
+    acc: &[[__m256i; V]; R],
+    out: *mut f32,
+    n: usize,
+    cols: usize,
+    ep: &QEpilogue,
+    row0: usize,
+    col0: usize,
+    residual: Option<*const f32>,
+) {
     // SAFETY (whole body): every pointer offset stays within the extents the caller
     // guarantees; the ragged last vector goes through a buffer.
     unsafe {
-        let acc = dot::<T, R, V>(a, ks, b, stride);
         let zero = _mm256_setzero_ps();
         // Whole vectors first; the columns are a multiple of 8 but in the last panel.
         for v in 0..V {
@@ -133,7 +160,7 @@ unsafe fn tile<T, const R: usize, const V: usize>(
         if !cols.is_multiple_of(8) {
             let c = (V - 1) * 8;
             let mut lanes = [[0i32; 8]; R];
-            for (l, row) in lanes.iter_mut().zip(&acc) {
+            for (l, row) in lanes.iter_mut().zip(acc) {
                 _mm256_storeu_si256(l.as_mut_ptr().cast(), row[V - 1]);
             }
             for (r, l) in lanes.iter().enumerate() {

@@ -2,13 +2,13 @@
 //!
 //! The weights are packed once, when the engine is built, for the kernel that will run:
 //! AVX-512 VNNI wants each 64-byte vector to hold 4 consecutive `k` of 16 output columns
-//! (what one `vpdpbusd` consumes), AVX2 wants 2 consecutive `k` of 8 columns widened to
+//! (what one `vpdpbusd` consumes), AVX-VNNI the same of 8 columns per 32 bytes, AVX2 wants 2 consecutive `k` of 8 columns widened to
 //! i16 (what one `vpmaddwd` consumes), and the portable loop wants plain `[k][n]`. Every
 //! path accumulates the exact i32 sum, so the choice of kernel never changes the result
 //! beyond the f32 rounding of the epilogue.
 
 #[cfg(target_arch = "x86_64")]
-use super::{avx2, vnni};
+use super::{avx2, avx_vnni, vnni};
 
 /// The instruction sets with an int8 kernel, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,6 +16,9 @@ pub(crate) enum Isa {
     /// `vpdpbusd` on 512-bit vectors: 64 multiply-adds of u8 by i8 into i32 per
     /// instruction, with no intermediate that can saturate.
     Avx512Vnni,
+    /// `vpdpbusd` on 256-bit vectors (VEX-encoded AVX-VNNI): CPUs with VNNI but no
+    /// AVX-512.
+    AvxVnni,
     /// Both operands widened to i16 and `vpmaddwd`: exact, where `vpmaddubsw` is not.
     Avx2,
     /// Plain loops, for any CPU.
@@ -24,7 +27,7 @@ pub(crate) enum Isa {
 
 impl Isa {
     /// Every instruction set, best first.
-    pub const ALL: [Isa; 3] = [Isa::Avx512Vnni, Isa::Avx2, Isa::Portable];
+    pub const ALL: [Isa; 4] = [Isa::Avx512Vnni, Isa::AvxVnni, Isa::Avx2, Isa::Portable];
 
     /// The best kernel this CPU runs. Cheap enough to call per product: std caches the
     /// feature checks.
@@ -42,6 +45,7 @@ impl Isa {
             use std::arch::is_x86_feature_detected as has;
             match self {
                 Isa::Avx512Vnni => has!("avx512f") && has!("avx512bw") && has!("avx512vnni"),
+                Isa::AvxVnni => has!("avx2") && has!("fma") && has!("avxvnni"),
                 Isa::Avx2 => has!("avx2") && has!("fma"),
                 Isa::Portable => true,
             }
@@ -56,6 +60,7 @@ impl Isa {
     pub fn name(self) -> &'static str {
         match self {
             Isa::Avx512Vnni => "avx512-vnni",
+            Isa::AvxVnni => "avx-vnni",
             Isa::Avx2 => "avx2",
             Isa::Portable => "portable",
         }
@@ -91,6 +96,10 @@ enum Layout {
     /// panel starts at `data[offset]`, 64-byte aligned.
     #[cfg(target_arch = "x86_64")]
     Vnni { data: Vec<i8>, offset: usize },
+    /// As `Vnni` with panels of [`avx_vnni::PANEL`] columns, widths rounded up to 8,
+    /// 32-byte aligned.
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni { data: Vec<i8>, offset: usize },
     /// Panels of [`avx2::PANEL`] columns, each with the width rounded up to 8 (`stride`)
     /// and `k_stride / 2` pairs of `stride x 2` i16: column `c`, row `2p + j` at
     /// `p * stride * 2 + c * 2 + j`. Zero-padded; the first panel starts at
@@ -114,6 +123,11 @@ impl Clone for Layout {
             Layout::Vnni { data, offset } => {
                 let (data, offset) = realign(data, *offset, 64);
                 Layout::Vnni { data, offset }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Layout::AvxVnni { data, offset } => {
+                let (data, offset) = realign(data, *offset, 32);
+                Layout::AvxVnni { data, offset }
             }
             #[cfg(target_arch = "x86_64")]
             Layout::Avx2 { data, offset } => {
@@ -178,6 +192,11 @@ impl QWeights {
                 Layout::Vnni { data, offset }
             }
             #[cfg(target_arch = "x86_64")]
+            Isa::AvxVnni => {
+                let (data, offset) = pack(w, k, n, k_stride, avx_vnni::PANEL, 8, 4, 32, 0i8, |v| v);
+                Layout::AvxVnni { data, offset }
+            }
+            #[cfg(target_arch = "x86_64")]
             Isa::Avx2 if k * n > avx2::NARROW_ABOVE => {
                 let (data, offset) = pack(w, k, n, k_stride, avx2::PANEL, 8, 2, 16, 0i8, |v| v);
                 Layout::Avx2Narrow { data, offset }
@@ -234,6 +253,8 @@ impl QWeights {
             Layout::Plain(_) => Isa::Portable,
             #[cfg(target_arch = "x86_64")]
             Layout::Vnni { .. } => Isa::Avx512Vnni,
+            #[cfg(target_arch = "x86_64")]
+            Layout::AvxVnni { .. } => Isa::AvxVnni,
             #[cfg(target_arch = "x86_64")]
             Layout::Avx2 { .. } | Layout::Avx2Narrow { .. } => Isa::Avx2,
         }
@@ -348,6 +369,13 @@ pub(crate) fn matmul(out: &mut [f32], a: &[u8], rows: usize, w: &QWeights, ep: Q
             // SAFETY: the CPU has the kernel's features (checked above) and the operand
             // extents were checked against the packed shape.
             unsafe { vnni::matmul(out, a, rows, ks, n, &data[*offset..], ep) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Layout::AvxVnni { data, offset } => {
+            assert!(Isa::AvxVnni.supported());
+            // SAFETY: the CPU has the kernel's features (checked above) and the operand
+            // extents were checked against the packed shape.
+            unsafe { avx_vnni::matmul(out, a, rows, ks, n, &data[*offset..], ep) }
         }
         #[cfg(target_arch = "x86_64")]
         Layout::Avx2 { data, offset } => {
@@ -836,7 +864,7 @@ mod speed {
                     matmul(&mut out, &a, m, &w, ep);
                 });
                 let base = match (isa, f32_avx2) {
-                    (Isa::Avx2, Some(r)) => r,
+                    (Isa::Avx2 | Isa::AvxVnni, Some(r)) => r,
                     _ => f32_rate,
                 };
                 line += &format!("  {} {rate:6.1} ({:.2}x)", isa.name(), rate / base);
