@@ -228,7 +228,7 @@ fn hnsw_against_exact() {
 fn read_rows(path: &std::path::Path) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert!(
-        bytes.len() % (DIM * 4) == 0,
+        bytes.len().is_multiple_of(DIM * 4),
         "{}: not rows of {DIM} f32",
         path.display()
     );

@@ -67,7 +67,7 @@ enum IndexArg {
     /// Every face scored: the true top-k.
     #[default]
     Exact,
-    /// An HNSW graph (M 16, ef_construction 200, ef_search 256): approximate, much faster
+    /// An HNSW graph (M 16, ef_construction 200, ef_search 384): approximate, much faster
     /// on large galleries; kept in `<db>.hnsw` beside a SQLite gallery, built on first use
     /// and brought up to date with later enrollments.
     Hnsw,
