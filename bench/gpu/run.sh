@@ -79,6 +79,7 @@ done
 # 3. MFN throughput and latency on the GPU.
 for dt in f16 f32; do
   step "bench-cuda-$dt" 150 "${XT[@]}" bench --device cuda --dtype "$dt" --batches 1,256,1024 \
+    --model "$MFN_ASSETS/models/mobilefacenet-y1/model-symbol.json" \
     --runs 20 --rounds 3 --no-gate --json "$OUT/bench-cuda-$dt.json"
 done
 
