@@ -17,6 +17,13 @@
 //! after 20 warm-up queries, one query at a time, on a rayon pool of each `--threads`
 //! count. `--out DIR` gets `base.f32`, `q_lfw.f32` and `q_rand.f32` (raw little-endian
 //! f32, 512 per row) and `mfn.json` with the results.
+//!
+//! HNSW options: `--m`, `--ef-construction` (default those of `IndexKind::hnsw()`), `--ef
+//! LIST` (the `ef_search` values searched), `--build-ef N` (the `ef_search` the index is
+//! created with, 64), `--kernels mfn,library` (search the one graph with MFN's distance
+//! kernel and with usearch's own, alternately), `--build-kernel mfn|library`, `--rounds R`
+//! (repeat the searches). The graph is built on the largest `--threads` count. Every
+//! phase prints the load average.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -64,6 +71,7 @@ struct Args {
     rounds: usize,
     m: Option<usize>,
     ef_construction: Option<usize>,
+    build_ef: usize,
 }
 
 fn args() -> Args {
@@ -80,6 +88,7 @@ fn args() -> Args {
         rounds: 1,
         m: None,
         ef_construction: None,
+        build_ef: 64,
     };
     let mut it = std::env::args().skip(1);
     let list = |s: String| -> Vec<usize> {
@@ -99,6 +108,7 @@ fn args() -> Args {
             "--out" => a.out = Some(value().into()),
             "--kernels" => a.kernels = value().split(',').map(String::from).collect(),
             "--build-kernel" => a.build_kernel = value(),
+            "--build-ef" => a.build_ef = value().parse().expect("--build-ef N"),
             "--rounds" => a.rounds = value().parse().expect("--rounds N"),
             "--m" => a.m = Some(value().parse().expect("--m M")),
             "--ef-construction" => {
@@ -302,7 +312,7 @@ fn main() {
         let rss0 = rss_mb();
         let start = Instant::now();
         let mut hnsw = pool.install(|| {
-            let mut h = HnswIndex::new(DIM, m, ef_construction, 64).unwrap();
+            let mut h = HnswIndex::new(DIM, m, ef_construction, a.build_ef).unwrap();
             h.use_library_kernel(kernel_is_library(&a.build_kernel))
                 .unwrap();
             for (i, d) in ids.chunks(50_000).zip(base.chunks(50_000 * DIM)) {

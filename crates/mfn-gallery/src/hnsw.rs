@@ -70,6 +70,10 @@ const HEADER_LEN: usize = 144;
 /// A graph smaller than this grows one node at a time; larger, in parallel.
 const SERIAL_NODES: usize = 4096;
 
+/// The beam with which each face added in parallel is looked up, to find the odd one the
+/// graph lost.
+const SELF_CHECK_EF: usize = 64;
+
 /// Rows added to the graph between two progress lines of a rebuild.
 const PROGRESS_ROWS: usize = 50_000;
 
@@ -581,7 +585,10 @@ impl Index for HnswIndex {
             .and_then(|()| {
                 // Concurrent inserts also leave the odd node unreachable in a large graph
                 // (about 1 in 10,000): each face added in parallel must find itself, and
-                // one that does not goes in again, alone.
+                // one that does not goes in again, alone. A face is its own nearest
+                // neighbour (distance 0), so a narrow beam finds it: searching with the
+                // full `ef_search` would cost a whole query per face added.
+                inner.change_expansion_search(SELF_CHECK_EF.min(self.ef_search));
                 let lost: Vec<usize> = (serial..ids.len())
                     .into_par_iter()
                     .with_min_len(64)
@@ -598,6 +605,7 @@ impl Index for HnswIndex {
                     inner.add(ids[i] as u64, &vectors[i * dim..(i + 1) * dim])
                 })
             });
+        self.inner.change_expansion_search(self.ef_search);
         self.nodes += ids.len();
         self.dirty = true;
         // What went in, even when something failed: the list mirrors the graph.
