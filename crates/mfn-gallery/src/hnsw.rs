@@ -99,7 +99,8 @@ struct Tag {
 }
 
 /// Approximate nearest-neighbour search by cosine over a hierarchical navigable
-/// small-world graph (`usearch`, inner product on f32, no quantisation).
+/// small-world graph (`usearch`, inner product on f32, no quantisation, distances measured
+/// by [`distance_kernel`]).
 ///
 /// Adds are parallel over rayon's threads and incremental; removals mark the graph's
 /// nodes deleted, and later adds reuse them. Keys are the faces' ids. Chosen through
