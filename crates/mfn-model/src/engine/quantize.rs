@@ -37,27 +37,50 @@ pub(crate) fn quantize_rows(
             && low.len() >= rows,
         "operands too short"
     );
-    let rows_of = |out: &mut [u8], step: &mut [f32], low: &mut [f32]| {
-        for (((o, x), step), low) in out
-            .chunks_exact_mut(k_stride)
-            .zip(x.chunks_exact(k.max(1)))
-            .zip(step.iter_mut())
-            .zip(low.iter_mut())
-            .take(rows)
-        {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has AVX-512F; `o`, `x`, `inv_scale` and `zero` hold
-                    // `k` values at least.
-                    unsafe { row_avx512(o, step, low, x, inv_scale, zero) };
-                    continue;
-                }
-            }
-            row_portable(o, step, low, x, inv_scale, zero);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, and the lengths were checked above.
+            return unsafe { rows_avx512(out, step, low, x, rows, k, k_stride, inv_scale, zero) };
         }
-    };
-    rows_of(out, step, low);
+    }
+    for (((o, x), step), low) in out
+        .chunks_exact_mut(k_stride)
+        .zip(x.chunks_exact(k.max(1)))
+        .zip(step.iter_mut())
+        .zip(low.iter_mut())
+        .take(rows)
+    {
+        row_portable(o, step, low, x, inv_scale, zero);
+    }
+}
+
+/// [`quantize_rows`] with AVX-512: the feature check once per call, not per row, so the
+/// row body inlines into this loop (rows of 64 channels are short).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+fn rows_avx512(
+    out: &mut [u8],
+    step: &mut [f32],
+    low: &mut [f32],
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    k_stride: usize,
+    inv_scale: &[f32],
+    zero: &[f32],
+) {
+    let mut grid_row = vec![0f32; k];
+    for (((o, x), step), low) in out
+        .chunks_exact_mut(k_stride)
+        .zip(x.chunks_exact(k.max(1)))
+        .zip(step.iter_mut())
+        .zip(low.iter_mut())
+        .take(rows)
+    {
+        row_avx512(o, step, low, x, inv_scale, zero, &mut grid_row);
+    }
 }
 
 /// A channel's value on the calibrated grid.
@@ -72,17 +95,20 @@ fn grid(x: f32, inv_scale: f32, zero: f32) -> f32 {
 fn row_step(lo: f32, hi: f32) -> (f32, f32, f32) {
     let span = hi - lo;
     if span.is_finite() && span > 0.0 {
-        let step = span / 255.0;
-        (step, 1.0 / step, lo)
+        (span * (1.0 / 255.0), 255.0 / span, lo)
     } else {
         (1.0, 1.0, if lo.is_finite() { lo } else { 0.0 })
     }
 }
 
-/// One value: NaN becomes 0 through the saturating cast.
+/// One value, `(u - low) / step` as one fused multiply-add with `shift = -low / step`:
+/// NaN becomes 0 (f32::max skips it), and anything above 255 saturates.
 #[inline(always)]
-fn quantize_one(u: f32, low: f32, inv_step: f32) -> u8 {
-    ((u - low) * inv_step).round_ties_even().clamp(0.0, 255.0) as u8
+fn quantize_one(u: f32, inv_step: f32, shift: f32) -> u8 {
+    u.mul_add(inv_step, shift)
+        .max(0.0)
+        .round_ties_even()
+        .min(255.0) as u8
 }
 
 #[inline(always)]
@@ -103,15 +129,19 @@ fn row_portable(
         hi = hi.max(u);
     }
     let (s, inv, l) = row_step(lo, hi);
+    let shift = -l * inv;
     for (((q, &v), &sc), &z) in o.iter_mut().zip(x).zip(inv_scale).zip(zero) {
-        *q = quantize_one(grid(v, sc, z), l, inv);
+        *q = quantize_one(grid(v, sc, z), inv, shift);
     }
-    o[k..].fill(0);
+    if o.len() > k {
+        o[k..].fill(0);
+    }
     (*step, *low) = (s, l);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[inline]
 fn row_avx512(
     o: &mut [u8],
     step: &mut f32,
@@ -119,9 +149,11 @@ fn row_avx512(
     x: &[f32],
     inv_scale: &[f32],
     zero: &[f32],
+    grid_row: &mut [f32],
 ) {
     use std::arch::x86_64::*;
     let k = inv_scale.len();
+    assert!(grid_row.len() >= k, "grid scratch too short");
     let full = k / 16 * 16;
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
     // SAFETY (whole block): c + 16 <= full <= k, the length of every operand.
@@ -135,6 +167,8 @@ fn row_avx512(
                 _mm512_loadu_ps(inv_scale.as_ptr().add(c)),
                 _mm512_loadu_ps(zero.as_ptr().add(c)),
             );
+            // Kept for the second pass: a load is cheaper than three loads and an FMA.
+            _mm512_storeu_ps(grid_row.as_mut_ptr().add(c), u);
             // The second operand wins when either is NaN: NaN lanes keep the running
             // extremes, as f32::min and max do.
             vlo = _mm512_min_ps(u, vlo);
@@ -152,30 +186,28 @@ fn row_avx512(
         hi = hi.max(u);
     }
     let (s, inv, l) = row_step(lo, hi);
+    let shift = -l * inv;
     // SAFETY (whole block): as above; the stores write 16 bytes at c + 16 <= k <= o.len().
     unsafe {
-        let (vl, vi) = (_mm512_set1_ps(l), _mm512_set1_ps(inv));
+        let (vi, vs) = (_mm512_set1_ps(inv), _mm512_set1_ps(shift));
         let mut c = 0;
         while c < full {
-            let u = _mm512_fmadd_ps(
-                _mm512_loadu_ps(x.as_ptr().add(c)),
-                _mm512_loadu_ps(inv_scale.as_ptr().add(c)),
-                _mm512_loadu_ps(zero.as_ptr().add(c)),
-            );
-            let y = _mm512_mul_ps(_mm512_sub_ps(u, vl), vi);
+            let y = _mm512_fmadd_ps(_mm512_loadu_ps(grid_row.as_ptr().add(c)), vi, vs);
             // max(NaN, 0) is 0: the second operand wins when either is NaN.
             let y = _mm512_max_ps(y, _mm512_setzero_ps());
-            let y = _mm512_min_ps(y, _mm512_set1_ps(255.0));
-            // The default rounding mode: to nearest, ties to even.
-            let q = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(y));
+            // The default rounding mode: to nearest, ties to even. Values above 255, and
+            // those too large for i32 (0x8000_0000 as unsigned), saturate to 255.
+            let q = _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(y));
             _mm_storeu_si128(o.as_mut_ptr().add(c) as *mut __m128i, q);
             c += 16;
         }
     }
     for c in full..k {
-        o[c] = quantize_one(grid(x[c], inv_scale[c], zero[c]), l, inv);
+        o[c] = quantize_one(grid(x[c], inv_scale[c], zero[c]), inv, shift);
     }
-    o[k..].fill(0);
+    if o.len() > k {
+        o[k..].fill(0);
+    }
     (*step, *low) = (s, l);
 }
 
