@@ -248,31 +248,19 @@ impl Int8 {
                     format!("value -128 at index {i}: weights are symmetric, -127..=127"),
                 ));
             }
-            if let Some(i) = l
-                .weight_scale
-                .iter()
-                .position(|s| !(s.is_finite() && *s > 0.0))
-            {
-                return Err(bad(
-                    &format!("{name}{SCALE_SUFFIX}"),
-                    format!(
-                        "scale {} at index {i} is not finite and positive",
-                        l.weight_scale[i]
-                    ),
-                ));
-            }
-            if let Some(i) = l
-                .input_scale
-                .iter()
-                .position(|s| !(s.is_finite() && *s > 0.0))
-            {
-                return Err(bad(
-                    &format!("{name}{INPUT_SCALE_SUFFIX}"),
-                    format!(
-                        "input scale {} at index {i} is not finite and positive",
-                        l.input_scale[i]
-                    ),
-                ));
+            for (suffix, what, scales) in [
+                (SCALE_SUFFIX, "scale", &l.weight_scale),
+                (INPUT_SCALE_SUFFIX, "input scale", &l.input_scale),
+            ] {
+                if let Some(i) = scales.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+                    return Err(bad(
+                        &format!("{name}{suffix}"),
+                        format!(
+                            "{what} {} at index {i} is not finite and positive",
+                            scales[i]
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
