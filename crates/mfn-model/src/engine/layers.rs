@@ -386,11 +386,16 @@ impl Pointwise {
         let task = |t: usize, (o, qt): (&mut [f32], &mut [u8])| {
             let rows = o.len() / cout;
             let r0 = t * tile;
-            let (mut step, mut low) = (vec![0f32; rows], vec![0f32; rows]);
+            // One allocation per tile: each row's step and low end, and the quantiser's row
+            // of grid values.
+            let mut scratch = vec![0f32; 2 * rows + cin];
+            let (step, rest) = scratch.split_at_mut(rows);
+            let (low, grid) = rest.split_at_mut(rows);
             super::quantize::quantize_rows(
                 qt,
-                &mut step,
-                &mut low,
+                step,
+                low,
+                grid,
                 &x[r0 * cin..(r0 + rows) * cin],
                 rows,
                 cin,
@@ -402,8 +407,8 @@ impl Pointwise {
                 scale: &p.scale,
                 offset: &p.offset,
                 low_weight: &p.low_weight,
-                row_step: &step,
-                row_low: &low,
+                row_step: step,
+                row_low: low,
                 slope: self.slope.as_deref(),
                 cap: self.cap,
                 residual: residual.map(|res| &res[r0 * cout..(r0 + rows) * cout]),

@@ -12,12 +12,13 @@
 
 /// Quantises `rows` rows of `k` f32 (contiguous) into `out`, rows of `k_stride` u8 (the
 /// padding columns get 0: their weights are zero), and writes each row's step and low
-/// end to `step` and `low`.
+/// end to `step` and `low`. `grid` is scratch of at least `k` values.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn quantize_rows(
     out: &mut [u8],
     step: &mut [f32],
     low: &mut [f32],
+    grid: &mut [f32],
     x: &[f32],
     rows: usize,
     k: usize,
@@ -34,14 +35,17 @@ pub(crate) fn quantize_rows(
         x.len() >= rows * k
             && out.len() >= rows * k_stride
             && step.len() >= rows
-            && low.len() >= rows,
+            && low.len() >= rows
+            && grid.len() >= k,
         "operands too short"
     );
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F, and the lengths were checked above.
-            return unsafe { rows_avx512(out, step, low, x, rows, k, k_stride, inv_scale, zero) };
+            return unsafe {
+                rows_avx512(out, step, low, grid, x, rows, k, k_stride, inv_scale, zero)
+            };
         }
     }
     for (((o, x), step), low) in out
@@ -64,6 +68,7 @@ fn rows_avx512(
     out: &mut [u8],
     step: &mut [f32],
     low: &mut [f32],
+    grid_row: &mut [f32],
     x: &[f32],
     rows: usize,
     k: usize,
@@ -71,7 +76,6 @@ fn rows_avx512(
     inv_scale: &[f32],
     zero: &[f32],
 ) {
-    let mut grid_row = vec![0f32; k];
     for (((o, x), step), low) in out
         .chunks_exact_mut(k_stride)
         .zip(x.chunks_exact(k.max(1)))
@@ -79,7 +83,7 @@ fn rows_avx512(
         .zip(low.iter_mut())
         .take(rows)
     {
-        row_avx512(o, step, low, x, inv_scale, zero, &mut grid_row);
+        row_avx512(o, step, low, x, inv_scale, zero, grid_row);
     }
 }
 
@@ -224,7 +228,18 @@ mod tests {
         let zero = [0.0f32; 4];
         let mut out = [9u8; 12];
         let (mut step, mut low) = ([0f32; 2], [0f32; 2]);
-        quantize_rows(&mut out, &mut step, &mut low, &x, 2, 4, 6, &inv, &zero);
+        quantize_rows(
+            &mut out,
+            &mut step,
+            &mut low,
+            &mut [0.0; 4],
+            &x,
+            2,
+            4,
+            6,
+            &inv,
+            &zero,
+        );
         assert_eq!(&out[..6], &[0, 255, 128, 12, 0, 0]);
         assert_eq!((step[0], low[0]), (1.0, 0.0));
         assert_eq!(&out[6..], &[0, 128, 0, 255, 0, 0]);
@@ -233,7 +248,16 @@ mod tests {
         // A flat row: step 1 at its value, every byte 0.
         let mut flat = [9u8; 4];
         quantize_rows(
-            &mut flat, &mut step, &mut low, &[3.0; 4], 1, 4, 4, &inv, &zero,
+            &mut flat,
+            &mut step,
+            &mut low,
+            &mut [0.0; 4],
+            &[3.0; 4],
+            1,
+            4,
+            4,
+            &inv,
+            &zero,
         );
         assert_eq!((flat, step[0], low[0]), ([0; 4], 1.0, 3.0));
         // Values come back within half a step.
@@ -241,7 +265,18 @@ mod tests {
         let inv: Vec<f32> = (0..40).map(|c| 1.0 + c as f32 * 0.1).collect();
         let zero: Vec<f32> = (0..40).map(|c| c as f32).collect();
         let mut q = vec![0u8; 40];
-        quantize_rows(&mut q, &mut step, &mut low, &x, 1, 40, 40, &inv, &zero);
+        quantize_rows(
+            &mut q,
+            &mut step,
+            &mut low,
+            &mut [0.0; 40],
+            &x,
+            1,
+            40,
+            40,
+            &inv,
+            &zero,
+        );
         for c in 0..40 {
             let back = (q[c] as f32 * step[0] + low[0] - zero[c]) / inv[c];
             assert!(
@@ -281,7 +316,18 @@ mod tests {
         }
         let mut got = vec![2u8; rows * 64];
         let (mut gs, mut gl) = (vec![0f32; rows], vec![0f32; rows]);
-        quantize_rows(&mut got, &mut gs, &mut gl, &x, rows, k, 64, &inv, &zero);
+        quantize_rows(
+            &mut got,
+            &mut gs,
+            &mut gl,
+            &mut vec![0.0; k],
+            &x,
+            rows,
+            k,
+            64,
+            &inv,
+            &zero,
+        );
         assert_eq!(got, want);
         assert_eq!((gs, gl), (ws, wl));
     }
