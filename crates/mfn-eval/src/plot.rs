@@ -81,7 +81,7 @@ pub fn plot_roc(roc: &Roc, path: &Path, title: &str) -> Result<()> {
 /// when the report has no CMC points (only possible for a hand-built report),
 /// [`Error::FontNotFound`] or [`Error::InvalidFont`] when a PNG cannot get a
 /// font, and [`Error::Plot`] when drawing or writing the file fails.
-pub fn plot_cmc(report: &OpenSetReport, title: &str, path: &Path) -> Result<()> {
+pub fn plot_cmc(report: &OpenSetReport, path: &Path, title: &str) -> Result<()> {
     let format = Format::of(path)?;
     if report.cmc.is_empty() {
         return Err(Error::Empty { what: "CMC" });
@@ -577,7 +577,7 @@ mod tests {
     fn cmc_svg_plot() {
         let path = temp_path("cmc.svg");
         let report = sample_cmc(20);
-        plot_cmc(&report, "IJB <test> & more", &path).unwrap();
+        plot_cmc(&report, &path, "IJB <test> & more").unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         assert!(svg.contains("<svg"));
@@ -595,7 +595,7 @@ mod tests {
             .expect("PNG plots need a TrueType font: install DejaVu or set MFN_FONT");
         for max_rank in [1, 3, 1000] {
             let path = temp_path(&format!("cmc-{max_rank}.png"));
-            plot_cmc(&sample_cmc(max_rank), "IJB", &path).unwrap();
+            plot_cmc(&sample_cmc(max_rank), &path, "IJB").unwrap();
             let png = std::fs::read(&path).unwrap();
             std::fs::remove_file(&path).unwrap();
             assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
@@ -611,14 +611,14 @@ mod tests {
     fn cmc_plot_rejects_bad_input() {
         let path = temp_path("cmc.jpg");
         assert!(matches!(
-            plot_cmc(&sample_cmc(5), "x", &path),
+            plot_cmc(&sample_cmc(5), &path, "x"),
             Err(Error::UnsupportedPlotFormat { .. })
         ));
         assert!(!path.exists());
         let mut empty = sample_cmc(5);
         empty.cmc.clear();
         assert!(matches!(
-            plot_cmc(&empty, "x", &temp_path("empty-cmc.svg")),
+            plot_cmc(&empty, &temp_path("empty-cmc.svg"), "x"),
             Err(Error::Empty { what: "CMC" })
         ));
         // A hand-built report with nonsense rates still draws.
@@ -626,7 +626,7 @@ mod tests {
         odd.cmc = vec![f64::NAN, -1.0, 2.0, f64::INFINITY];
         odd.rank1 = f64::NAN;
         let path = temp_path("odd-cmc.svg");
-        plot_cmc(&odd, "x", &path).unwrap();
+        plot_cmc(&odd, &path, "x").unwrap();
         std::fs::remove_file(&path).unwrap();
     }
 

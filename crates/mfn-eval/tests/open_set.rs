@@ -281,11 +281,11 @@ fn cmc_plots_are_written() {
     let dir = temp_dir("plots");
     let r = sample_report();
     let svg = dir.join("cmc.svg");
-    mfn_eval::plot_cmc(&r, "random gallery", &svg).unwrap();
+    mfn_eval::plot_cmc(&r, &svg, "random gallery").unwrap();
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.starts_with("<svg") && text.contains("random gallery"));
     let png = dir.join("cmc.png");
-    mfn_eval::open_set::plot_cmc(&r, "random gallery", &png).unwrap();
+    mfn_eval::open_set::plot_cmc(&r, &png, "random gallery").unwrap();
     let bytes = std::fs::read(&png).unwrap();
     assert!(bytes.len() > 1_000 && bytes.starts_with(b"\x89PNG\r\n\x1a\n"));
     std::fs::remove_dir_all(&dir).unwrap();

@@ -774,7 +774,7 @@ fn eval(a: EvalArgs) -> Result<()> {
             split.gallery.len()
         );
         write_atomic_with(path, |tmp| {
-            mfn_eval::open_set::plot_cmc(&report, &title, tmp)
+            mfn_eval::open_set::plot_cmc(&report, tmp, &title)
         })?;
     }
     Ok(())
