@@ -1519,6 +1519,32 @@ mod tests {
         assert_eq!(read_baseline(&path).unwrap(), b);
     }
 
+    /// Rewriting a committed baseline changes no byte: floats parse to the very value
+    /// they were written from (serde_json's `float_roundtrip`), so `--update-baseline`
+    /// diffs show only what was measured.
+    #[test]
+    fn committed_baselines_rewrite_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/baselines");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&committed).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let out = dir.path().join(path.file_name().unwrap());
+            crate::write_json(&out, &read_baseline(&path).unwrap()).unwrap();
+            assert_eq!(
+                std::fs::read_to_string(&out).unwrap(),
+                std::fs::read_to_string(&path).unwrap(),
+                "{}",
+                path.display()
+            );
+            seen += 1;
+        }
+        assert!(seen >= 2, "baselines in {}: {seen}", committed.display());
+    }
+
     #[test]
     fn single_model_files_are_read_as_one_model() {
         let dir = tempfile::tempdir().unwrap();
