@@ -222,44 +222,14 @@ pub(super) unsafe fn matmul<T>(
 ) {
     debug_assert!(ks.is_multiple_of(2) && a.len() >= rows * ks && out.len() >= rows * n);
     let mut wide = vec![0i16; MR * ks];
-    let mut r0 = 0;
-    while r0 < rows {
-        let r = MR.min(rows - r0);
-        // SAFETY: the CPU has AVX2.
-        unsafe { widen(&mut wide[..r * ks], &a[r0 * ks..(r0 + r) * ks]) };
-        let ap = wide.as_ptr();
-        let o = out[r0 * n..].as_mut_ptr();
-        let res = ep.residual.map(|res| res[r0 * n..].as_ptr());
-        let mut at = 0;
-        for (c0, cols) in panels(n, PANEL) {
-            let stride = cols.next_multiple_of(8);
-            debug_assert!(w.len() >= at + ks * stride);
-            let b = w[at..].as_ptr();
-            let (o, res) = (o.wrapping_add(c0), res.map(|p| p.wrapping_add(c0)));
-            macro_rules! run {
-                ($($r:literal)*; $($v:literal)*) => {
-                    run!(@rows [$($r)*] [$($v)*])
-                };
-                (@rows [$($r:literal)*] $vs:tt) => {
-                    match r {
-                        $($r => run!(@cols $r $vs),)*
-                        _ => unreachable!(),
-                    }
-                };
-                (@cols $r:literal [$($v:literal)*]) => {
-                    match stride / 8 {
-                        // SAFETY: the extents are as `tile` requires: `r` widened rows,
-                        // this panel's `ks x stride` weights and `cols` columns from `c0`.
-                        $($v => unsafe {
-                            tile::<T, $r, $v>(ap, ks, b, stride, o, n, cols, &ep, r0, c0, res)
-                        },)*
-                        _ => unreachable!(),
-                    }
-                };
-            }
-            run!(1 2 3 4 5 6; 1 2);
-            at += ks * stride;
-        }
-        r0 += r;
-    }
+    tile_loops!(
+        out, rows, ks, n, w, ep;
+        lanes 8, rows [1 2 3 4 5 6], vectors [1 2];
+        a_block |r0, r| {
+            // SAFETY: the CPU has AVX2.
+            unsafe { widen(&mut wide[..r * ks], &a[r0 * ks..(r0 + r) * ks]) };
+            wide.as_ptr()
+        };
+        tile [tile<T>]
+    );
 }

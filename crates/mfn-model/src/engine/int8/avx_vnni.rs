@@ -54,6 +54,34 @@ unsafe fn dot<const R: usize, const V: usize>(
     }
 }
 
+/// One `R x (V * 8)` tile: [`dot`], then the AVX2 kernel's epilogue and store
+/// ([`avx2::finish`]).
+///
+/// # Safety
+/// As for [`dot`] and [`avx2::finish`].
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,avxvnni")]
+#[inline]
+unsafe fn tile<const R: usize, const V: usize>(
+    a: *const u8,
+    ks: usize,
+    b: *const i8,
+    stride: usize,
+    out: *mut f32,
+    n: usize,
+    cols: usize,
+    ep: &QEpilogue,
+    row0: usize,
+    col0: usize,
+    residual: Option<*const f32>,
+) {
+    // SAFETY: the caller guarantees what `dot` and `finish` need.
+    unsafe {
+        let acc = dot::<R, V>(a, ks, b, stride);
+        avx2::finish::<R, V>(&acc, out, n, cols, ep, row0, col0, residual);
+    }
+}
+
 /// [`super::matmul`] on AVX-VNNI-packed weights.
 ///
 /// # Safety
@@ -71,44 +99,10 @@ pub(super) unsafe fn matmul(
     ep: QEpilogue,
 ) {
     debug_assert!(ks.is_multiple_of(4) && a.len() >= rows * ks && out.len() >= rows * n);
-    let mut r0 = 0;
-    while r0 < rows {
-        let r = MR.min(rows - r0);
-        let ap = a[r0 * ks..].as_ptr();
-        let o = out[r0 * n..].as_mut_ptr();
-        let res = ep.residual.map(|res| res[r0 * n..].as_ptr());
-        let mut at = 0;
-        for (c0, cols) in panels(n, PANEL) {
-            let stride = cols.next_multiple_of(8);
-            debug_assert!(w.len() >= at + ks * stride);
-            let b = w[at..].as_ptr();
-            let (o, res) = (o.wrapping_add(c0), res.map(|p| p.wrapping_add(c0)));
-            macro_rules! run {
-                ($($r:literal)*; $($v:literal)*) => {
-                    run!(@rows [$($r)*] [$($v)*])
-                };
-                (@rows [$($r:literal)*] $vs:tt) => {
-                    match r {
-                        $($r => run!(@cols $r $vs),)*
-                        _ => unreachable!(),
-                    }
-                };
-                (@cols $r:literal [$($v:literal)*]) => {
-                    match stride / 8 {
-                        // SAFETY: the extents are as `dot` and `finish` require: `r` rows
-                        // from `r0`, this panel's `ks x stride` weights and `cols` columns
-                        // from `c0`.
-                        $($v => unsafe {
-                            let acc = dot::<$r, $v>(ap, ks, b, stride);
-                            avx2::finish::<$r, $v>(&acc, o, n, cols, &ep, r0, c0, res)
-                        },)*
-                        _ => unreachable!(),
-                    }
-                };
-            }
-            run!(1 2 3 4 5 6; 1 2);
-            at += ks * stride;
-        }
-        r0 += r;
-    }
+    tile_loops!(
+        out, rows, ks, n, w, ep;
+        lanes 8, rows [1 2 3 4 5 6], vectors [1 2];
+        a_block |r0, r| a[r0 * ks..].as_ptr();
+        tile [tile]
+    );
 }

@@ -127,43 +127,10 @@ pub(super) unsafe fn matmul(
     ep: QEpilogue,
 ) {
     debug_assert!(ks.is_multiple_of(4) && a.len() >= rows * ks && out.len() >= rows * n);
-    let mut r0 = 0;
-    while r0 < rows {
-        let r = MR.min(rows - r0);
-        let ap = a[r0 * ks..].as_ptr();
-        let o = out[r0 * n..].as_mut_ptr();
-        let res = ep.residual.map(|res| res[r0 * n..].as_ptr());
-        let mut at = 0;
-        for (c0, cols) in panels(n, PANEL) {
-            let stride = cols.next_multiple_of(16);
-            debug_assert!(w.len() >= at + ks * stride);
-            let b = w[at..].as_ptr();
-            let (o, res) = (o.wrapping_add(c0), res.map(|p| p.wrapping_add(c0)));
-            macro_rules! run {
-                ($($r:literal)*; $($v:literal)*) => {
-                    run!(@rows [$($r)*] [$($v)*])
-                };
-                (@rows [$($r:literal)*] $vs:tt) => {
-                    match r {
-                        $($r => run!(@cols $r $vs),)*
-                        _ => unreachable!(),
-                    }
-                };
-                (@cols $r:literal [$($v:literal)*]) => {
-                    match stride / 16 {
-                        // SAFETY: the extents are as `tile` requires: `r` rows from
-                        // `r0`, this panel's `ks x stride` weights and `cols` columns
-                        // from `c0`.
-                        $($v => unsafe {
-                            tile::<$r, $v>(ap, ks, b, stride, o, n, cols, &ep, r0, c0, res)
-                        },)*
-                        _ => unreachable!(),
-                    }
-                };
-            }
-            run!(1 2 3 4; 1 2 3 4);
-            at += ks * stride;
-        }
-        r0 += r;
-    }
+    tile_loops!(
+        out, rows, ks, n, w, ep;
+        lanes 16, rows [1 2 3 4], vectors [1 2 3 4];
+        a_block |r0, r| a[r0 * ks..].as_ptr();
+        tile [tile]
+    );
 }
