@@ -133,7 +133,7 @@ fn measure(
 
 /// `1 - a.b` with the gallery's kernel, for hnsw_rs.
 #[derive(Clone, Copy)]
-struct KernelDot(fn(&[f32], &[f32]) -> f32);
+struct KernelDot(DotFn);
 
 impl hnsw_rs::anndists::dist::Distance<f32> for KernelDot {
     fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
@@ -146,9 +146,16 @@ impl hnsw_rs::anndists::dist::Distance<f32> for KernelDot {
 #[derive(Clone, Copy)]
 struct Row<'a>(&'a [f32]);
 
+/// The gallery's kernel, picked once: `distance_kernel` checks the CPU's features on
+/// every call, which the other crates' distances (a stored function) do not pay.
+static DOT: std::sync::LazyLock<DotFn> = std::sync::LazyLock::new(|| distance_kernel().1);
+
+/// A dot product of two equally long f32 slices.
+type DotFn = fn(&[f32], &[f32]) -> f32;
+
 impl instant_distance::Point for Row<'_> {
     fn distance(&self, other: &Self) -> f32 {
-        (1.0 - (distance_kernel().1)(self.0, other.0)).max(0.0)
+        (1.0 - (*DOT)(self.0, other.0)).max(0.0)
     }
 }
 
